@@ -1,0 +1,3 @@
+using Moe.Runtime.Commands;
+
+return MoeCommands.Run(MoeCommands.CreateRoot(), args);

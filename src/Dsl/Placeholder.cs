@@ -1,0 +1,1 @@
+namespace Moe.Dsl; internal static class Placeholder { }
