@@ -199,7 +199,7 @@ public static partial class RuleSet
     }
 
     /// <summary>Layers per pipeline stage, or null when the split is invalid (reported by other rules).</summary>
-    internal static int[]? StageLayerCounts(Parallelism p, int layers)
+    public static int[]? StageLayerCounts(Parallelism p, int layers)
     {
         int pp = p.Pipeline;
         if (pp < 1 || layers < 1) return null;
