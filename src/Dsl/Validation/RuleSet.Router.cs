@@ -67,7 +67,7 @@ public static partial class RuleSet
             if (k < gk)
                 return One(groupMath, $"TopK ({F(k)}) must be at least GroupTopK ({F(gk)}): each kept group is scored by its top TopK / GroupTopK = {F(k / gk)} experts", SetFix("Router.GroupTopK", k), "Router.GroupTopK");
             if (k / gk > perGroup)
-                return One(groupMath, $"TopK / GroupTopK = {F(k)} / {F(gk)} = {F(k / gk)} exceeds the {F(perGroup)} experts in each of the {F(g)} groups ({F(e)} / {F(g)})", null, "Router.GroupTopK");
+                return One(groupMath, $"TopK / GroupTopK = {F(k)} / {F(gk)} = {F(k / gk)} exceeds the experts per group ({F(e)} / {F(g)} = {F(perGroup)}): each kept group is scored by that many of its experts", null, "Router.GroupTopK");
             if (k > gk * perGroup)
                 return One(groupMath, $"TopK ({F(k)}) exceeds the experts in the kept groups: GroupTopK × experts per group = {F(gk)} × {F(perGroup)} = {F(gk * perGroup)}; masked experts would be chosen", null, "Router.GroupTopK");
             return None;
