@@ -51,10 +51,10 @@ public static partial class RuleSet
             var p = s.Parallelism;
             if (!SizesPositive(p) || p.Gpus % p.ExpertParallelProduct == 0) return None;
             int step = (int)Lcm(p.ModelParallelProduct, p.ExpertParallelProduct);
-            string etp = p.ExpertTensor is null ? $"ExpertTensor (= Tensor) {F(p.EffectiveExpertTensor)}" : $"ExpertTensor {F(p.EffectiveExpertTensor)}";
+            string etp = p.ExpertTensor is null ? "; ExpertTensor defaults to Tensor" : "";
             return One(gpusExpert,
                 $"Gpus ({F(p.Gpus)}) must be a multiple of ExpertTensor × Expert × Pipeline = {F(p.EffectiveExpertTensor)} × {F(p.Expert)} × {F(p.Pipeline)} = {F(p.ExpertParallelProduct)} " +
-                $"({etp}), so that expert data parallel is whole (Megatron finds this only after launch); valid Gpus near {F(p.Gpus)}: {Join(NeighbouringMultiples(p.Gpus, step))}",
+                $"so that expert data parallel is whole (Megatron finds this only after launch{etp}); valid Gpus near {F(p.Gpus)}: {Join(NeighbouringMultiples(p.Gpus, step))}",
                 SetFix("Parallelism.Gpus", CeilMultiple(p.Gpus, step)), "Parallelism.Gpus", "Parallelism.Expert");
         });
 
