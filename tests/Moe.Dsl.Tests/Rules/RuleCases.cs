@@ -47,7 +47,7 @@ public static class RuleCases
             ["Expert (16) must divide the 8 experts of Mixtral 8x22B; valid: 1, 2, 4, 8"],
             P(p => p with { Expert = 16 }, X22), P(p => p with { Expert = 8 }, X22));
         yield return new(DiagnosticIds.GpusNotDivisibleByExpertParallel, "Parallelism.Gpus",
-            ["Gpus (20) must be a multiple of ExpertTensor × Expert × Pipeline = 1 × 8 × 1 = 8", "(Megatron finds this only after launch)", "valid Gpus near 20: 16, 24"],
+            ["Gpus (20) must be a multiple of ExpertTensor × Expert × Pipeline = 1 × 8 × 1 = 8", "(Megatron finds this only after launch; ExpertTensor defaults to Tensor)", "valid Gpus near 20: 16, 24"],
             P(p => p with { Gpus = 20, Expert = 8 }), P(p => p with { Gpus = 24, Expert = 8 }));
         yield return new(DiagnosticIds.ExpertDataParallelMismatch, "Parallelism.Order",
             ["expert data parallel (32 / (1·8·2) = 2) must equal data parallel (32 / (1·1·2) = 16)"],
