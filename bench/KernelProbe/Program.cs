@@ -34,6 +34,23 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return torch.rms_norm(x, [x.size(-1)], w, eps)
+
+def sdpa_cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    rep = q.size(1) // k.size(1)
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False)[0]
+
+def sdpa_cudnn_gqa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False)[0]
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+def combine(ys: Tensor, inverse: Tensor, weights: Tensor, k: int) -> Tensor:
+    t = weights.size(0)
+    return torch.bmm(weights.unsqueeze(1), ys.index_select(0, inverse).view(t, k, -1)).squeeze(1)
 ");
 
 double Time(string name, double flops, Action step)
@@ -130,6 +147,11 @@ Time("experts: loop in C#, HF layout (x @ W^T)", expertFlops, () => ExpertStep(x
     using var g = randn(1, heads, tokens, d, dtype: dt, device: device);
     double attnFlops = 3 * 2 * 2.0 * tokens * tokens * heads * d * 0.5;
     Time("sdpa causal GQA (TorchScript enable_gqa)", attnFlops, () => { using var _ = NewDisposeScope(); cu.invoke<Tensor>("sdpa", q, k, v).backward(new[] { g }); q.grad = null; k.grad = null; v.grad = null; });
+    foreach (var fn in new[] { "sdpa_cudnn", "sdpa_cudnn_gqa" })
+    {
+        try { Time($"{fn} (TorchScript)", attnFlops, () => { using var _ = NewDisposeScope(); cu.invoke<Tensor>(fn, q, k, v).backward(new[] { g }); q.grad = null; k.grad = null; v.grad = null; }); }
+        catch (Exception e) { Console.WriteLine($"{fn} failed: " + e.Message.Split('\n')[0]); }
+    }
     Time("sdpa causal, repeat_interleave KV", attnFlops, () =>
     {
         using var _ = NewDisposeScope();
@@ -174,8 +196,28 @@ Time("experts: loop in C#, HF layout (x @ W^T)", expertFlops, () => ExpertStep(x
 
 // 4. A whole Mixtral training step (forward + backward, no optimizer) of `layers` layers, as the
 //    runtime would compute it, with each expert strategy: the number to compare with transformers.
-foreach (string strategy in new[] { "grouped", "loop" })
+var variants = new (string Name, string Strategy, string Attn, bool ScriptRope, bool Bmm, bool Bf16Ce)[]
 {
+    ("grouped", "grouped", "sdpa", false, false, false),
+    ("grouped + cudnn attention", "grouped", "sdpa_cudnn_gqa", false, false, false),
+    ("grouped + cudnn(expanded kv)", "grouped", "sdpa_cudnn", false, false, false),
+    ("grouped + script rope + bmm combine", "grouped", "sdpa", true, true, false),
+    ("grouped + all of the above best + bf16 CE", "grouped", "sdpa_cudnn_gqa", true, true, true),
+    ("loop", "loop", "sdpa", false, false, false),
+};
+foreach (var variant in variants)
+{
+    string strategy = variant.Strategy;
+    try
+    {
+        using var _ = NewDisposeScope();
+        cu.invoke<Tensor>(variant.Attn, randn(1, heads, 64, d, dtype: dt, device: device), randn(1, kv, 64, d, dtype: dt, device: device), randn(1, kv, 64, d, dtype: dt, device: device));
+    }
+    catch (Exception e)
+    {
+        Console.WriteLine($"step variant '{variant.Name}' skipped: {variant.Attn} failed: {e.Message.Split('\n')[0]}");
+        continue;
+    }
     int layers = 2;
     var p = new List<Tensor>();
     Tensor P(params long[] shape) { var t = (randn(shape, dtype: dt, device: device) * 0.02).requires_grad_(); p.Add(t); return t; }
@@ -191,6 +233,7 @@ foreach (string strategy in new[] { "grouped", "loop" })
     using var tokenIds = randint(0, V, new long[] { tokens }, device: device);
     Tensor Rope(Tensor x)
     {
+        if (variant.ScriptRope) return cu.invoke<Tensor>("rope", x, cos, sin);
         var halves = x.chunk(2, -1);
         return x * cos + torch.cat(new[] { -halves[1], halves[0] }, -1) * sin;
     }
@@ -201,7 +244,7 @@ foreach (string strategy in new[] { "grouped", "loop" })
         return cu.invoke<Tensor>("looped", xs, w13, w2, cnt);
     }
     double flopsPerToken = 3 * (layers * (2 * (2.0 * H * H + 2.0 * H * kv * d) + 2 * 2.0 * tokens * H * 0.5 + K * 3 * 2.0 * H * I + 2.0 * H * E) + 2.0 * H * V);
-    Time($"mixtral step, {layers} layers, experts {strategy}", flopsPerToken * tokens, () =>
+    Time($"step, {layers} layers: {variant.Name}", flopsPerToken * tokens, () =>
     {
         using var _ = NewDisposeScope();
         var x = embed.index_select(0, tokenIds);
@@ -213,7 +256,7 @@ foreach (string strategy in new[] { "grouped", "loop" })
             var q = Rope(qkv[0].view(1, tokens, heads, d).transpose(1, 2));
             var k = Rope(qkv[1].view(1, tokens, kv, d).transpose(1, 2));
             var v = qkv[2].view(1, tokens, kv, d).transpose(1, 2);
-            var o = cu.invoke<Tensor>("sdpa", q, k, v).transpose(1, 2).reshape(tokens, heads * d);
+            var o = cu.invoke<Tensor>(variant.Attn, q, k, v).transpose(1, 2).reshape(tokens, heads * d);
             x = x + nn.functional.linear(o, l.o);
             h = cu.invoke<Tensor>("rmsnorm", x, l.postW, 1e-5);
             var probs = nn.functional.linear(h, l.gate).to(float32).softmax(-1);
@@ -223,11 +266,20 @@ foreach (string strategy in new[] { "grouped", "loop" })
             var flat = topi.flatten();
             var (_, order) = flat.sort(stable: true);
             var tokenIdx = order.div(K, rounding_mode: RoundingMode.floor);
-            var ys = Experts(h.index_select(0, tokenIdx), l.w13, l.w2, flat) * topv.flatten().index_select(0, order).unsqueeze(1).to(dt);
-            x = x + torch.zeros_like(x).index_add(0, tokenIdx, ys, 1);
+            if (variant.Bmm)
+            {
+                var ysSorted = Experts(h.index_select(0, tokenIdx), l.w13, l.w2, flat);
+                var inverse = order.argsort();
+                x = x + cu.invoke<Tensor>("combine", ysSorted, inverse, topv.to(dt), (long)K);
+            }
+            else
+            {
+                var ys = Experts(h.index_select(0, tokenIdx), l.w13, l.w2, flat) * topv.flatten().index_select(0, order).unsqueeze(1).to(dt);
+                x = x + torch.zeros_like(x).index_add(0, tokenIdx, ys, 1);
+            }
         }
         var logits = nn.functional.linear(cu.invoke<Tensor>("rmsnorm", x, normW, 1e-5), lmHead);
-        var loss = nn.functional.cross_entropy(logits[..^1].to(float32), tokenIds[1..]);
+        var loss = nn.functional.cross_entropy(variant.Bf16Ce ? logits[..^1] : logits[..^1].to(float32), tokenIds[1..]).to(float32);
         foreach (var pr in aux) loss = loss + 0.02 * pr.mean(new long[] { 0 }).pow(2).sum();
         loss.backward();
         foreach (var t in p) t.grad = null;
