@@ -199,24 +199,8 @@ public static partial class RuleSet
     }
 
     /// <summary>Layers per pipeline stage, or null when the split is invalid (reported by other rules).</summary>
-    public static int[]? StageLayerCounts(Parallelism p, int layers)
-    {
-        int pp = p.Pipeline;
-        if (pp < 1 || layers < 1) return null;
-        if (p.FirstStageLayers is null && p.LastStageLayers is null)
-            return layers % pp == 0 ? Enumerable.Repeat(layers / pp, pp).ToArray() : null;
-        int first = p.FirstStageLayers ?? -1, last = p.LastStageLayers ?? -1;
-        int fixedStages = (p.FirstStageLayers is null ? 0 : 1) + (p.LastStageLayers is null ? 0 : 1);
-        if (pp == 1 || fixedStages > pp) return null;
-        int middleLayers = layers - System.Math.Max(first, 0) - System.Math.Max(last, 0);
-        int middleStages = pp - fixedStages;
-        if (middleLayers < 0 || (middleStages == 0) != (middleLayers == 0) || (middleStages > 0 && middleLayers % middleStages != 0)) return null;
-        var counts = new int[pp];
-        for (int i = 0; i < pp; i++) counts[i] = middleStages > 0 ? middleLayers / middleStages : 0;
-        if (p.FirstStageLayers is not null) counts[0] = first;
-        if (p.LastStageLayers is not null) counts[pp - 1] = last;
-        return counts;
-    }
+    public static int[]? StageLayerCounts(Parallelism p, int layers) =>
+        Layout.PipelineSplit.LayerCounts(layers, p.Pipeline, p.FirstStageLayers, p.LastStageLayers);
 
     private static IEnumerable<Finding> UnevenFindings(RuleDescriptor d, RecipeSettings s)
     {

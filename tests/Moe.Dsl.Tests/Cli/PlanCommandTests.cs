@@ -8,23 +8,8 @@ namespace Moe.Dsl.Tests.Cli;
 [Collection("Console")]
 public class PlanCommandTests
 {
-    private static (int Exit, string Out, string Err) Run(RecipeSettings? recipe, params string[] args)
-    {
-        var (oldOut, oldErr) = (Console.Out, Console.Error);
-        var (o, e) = (new StringWriter(), new StringWriter());
-        Console.SetOut(o);
-        Console.SetError(e);
-        try
-        {
-            int exit = MoeCommands.Run(recipe is null ? MoeCommands.CreateRoot() : MoeCommands.CreateRoot(recipe), args);
-            return (exit, o.ToString(), e.ToString());
-        }
-        finally
-        {
-            Console.SetOut(oldOut);
-            Console.SetError(oldErr);
-        }
-    }
+    private static (int Exit, string Out, string Err) Run(RecipeSettings? recipe, params string[] args) =>
+        Console.Capture(() => MoeCommands.Run(recipe is null ? MoeCommands.CreateRoot() : MoeCommands.CreateRoot(recipe), args));
 
     private static RecipeSettings X22 => new Moe.Recipes.Mixtral8x22b().ToSettings();
 

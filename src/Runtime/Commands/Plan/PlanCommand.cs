@@ -1,8 +1,8 @@
 using System.Globalization;
 using System.Text;
 using Moe.Dsl;
+using Moe.Dsl.Layout;
 using Moe.Dsl.Planning;
-using Moe.Dsl.Validation;
 
 namespace Moe.Runtime.Commands.Plan;
 
@@ -51,19 +51,19 @@ public static class PlanCommand
         Group("expert dp", p.ExpertDataParallel);
         Group("expert tp-ep", p.EffectiveExpertTensor * p.Expert);
 
-        sb.Append("\nPipeline stages → layers\n");
-        var stages = RuleSet.StageLayerCounts(p, m.Layers)!;
-        int first = 0;
-        for (int stage = 0; stage < stages.Length; stage++)
+        sb.Append("\nPipeline stages → layers" + (p.VirtualPipeline is int vpp ? $" ({vpp} virtual chunks per stage)" : "") + "\n");
+        for (int stage = 0; stage < p.Pipeline; stage++)
         {
-            Line($"stage {stage}", stages[stage] == 0 ? "none" : $"layers {first}–{first + stages[stage] - 1} ({stages[stage]})");
-            first += stages[stage];
+            var ranges = PipelineSplit.LayersOfStage(stage, m.Layers, p.Pipeline, p.VirtualPipeline, p.FirstStageLayers, p.LastStageLayers);
+            Line($"stage {stage}", string.Join(", ", ranges) + $" ({ranges.Sum(r => r.Count)})");
         }
 
         sb.Append("\nExpert-parallel rank → experts (every MoE layer)\n");
-        int perRank = m.Experts / p.Expert;
         for (int r = 0; r < p.Expert; r++)
-            Line($"ep rank {r}", perRank == 1 ? $"expert {r}" : $"experts {r * perRank}–{(r + 1) * perRank - 1}");
+        {
+            var experts = ExpertSplit.ExpertsOfRank(r, m.Experts, p.Expert);
+            Line($"ep rank {r}", experts.Count == 1 ? $"expert {experts.Start}" : $"experts {experts.Start}–{experts.End - 1}");
+        }
 
         sb.Append("\nRouter and capacity\n");
         Line("top-k / score", $"{s.TopK} of {m.Experts} / {s.Router.ScoreFunction}" + (s.Router.PreSoftmax ? " (pre-softmax)" : ""));
