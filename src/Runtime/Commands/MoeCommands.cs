@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Moe.Dsl;
+using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
 
@@ -40,7 +41,11 @@ public static class MoeCommands
     private static IEnumerable<Command> Verbs(RecipeSettings? recipe)
     {
         yield return PlanCommandParser.Create(recipe);
-        if (recipe is null) yield return LayoutCommandParser.Create();
+        if (recipe is null)
+        {
+            yield return LayoutCommandParser.Create();
+            yield return ForwardCommandParser.Create();
+        }
     }
 
     /// <summary>Parses and runs, turning <see cref="UserError"/> into a message and exit code 2.</summary>
