@@ -43,9 +43,9 @@ public sealed class MoeLayer : nn.Module
 
     public MoeLayerOutput Forward(Tensor hiddenTH)
     {
-        var routing = Router.Route(hiddenTH, gate, Options);
-        var dispatch = TokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
+        var routing = TopKRouter.Route(hiddenTH, gate, Options);
+        var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
         var outputsRH = experts.Forward(dispatch.RowsRH, dispatch.RowsPerExpertE);
-        return new MoeLayerOutput(TokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
+        return new MoeLayerOutput(LocalTokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
     }
 }

@@ -22,7 +22,7 @@ public sealed record Routing(Tensor LogitsTE, Tensor ScoresTE, Tensor WeightsTK,
 /// <item>sigmoid: s = σ(z), top-k, renormalised when k &gt; 1.</item>
 /// </list>
 /// </summary>
-public static class Router
+public static class TopKRouter
 {
     public static Routing Route(Tensor hiddenTH, Tensor gateWeightEH, MoeOptions options)
     {

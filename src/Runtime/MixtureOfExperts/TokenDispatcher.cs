@@ -26,7 +26,7 @@ public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOf
 /// deterministic choice). Pad-to-capacity fills each expert to exactly C rows with zero-weight rows of token 0,
 /// which changes the compute, not the result.
 /// </remarks>
-public static class TokenDispatcher
+public static class LocalTokenDispatcher
 {
     public static Dispatch Permute(Tensor hiddenTH, Routing routing, int experts, MoeOptions options)
     {
