@@ -3,6 +3,7 @@ using Moe.Dsl;
 using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
+using Moe.Runtime.Commands.Train;
 
 namespace Moe.Runtime.Commands;
 
@@ -41,6 +42,7 @@ public static class MoeCommands
     private static IEnumerable<Command> Verbs(RecipeSettings? recipe)
     {
         yield return PlanCommandParser.Create(recipe);
+        if (recipe is not null) yield return TrainCommandParser.Create(recipe);
         if (recipe is null)
         {
             yield return LayoutCommandParser.Create();
