@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Moe.Dsl;
+using Moe.Runtime.Commands.Bench;
 using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
@@ -47,6 +48,7 @@ public static class MoeCommands
         {
             yield return LayoutCommandParser.Create();
             yield return ForwardCommandParser.Create();
+            yield return BenchCommandParser.Create();
         }
     }
 

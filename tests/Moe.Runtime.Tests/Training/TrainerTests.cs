@@ -151,3 +151,26 @@ public class TrainerTests : IDisposable
         Assert.Contains("nothing_text_document.bin does not exist", err.ToString());
     }
 }
+
+public class BenchTests
+{
+    [Fact]
+    public void ModelFlops_CountLikeTheTransformersBaselineScript()
+    {
+        // By hand for 8x7B, 2 layers, seq 4096: qkvo 83,886,080 + attention 33,554,432 + experts 704,643,072
+        // + router 65,536 per layer; LM head 262,144,000; ×3 for forward + backward.
+        var c = Moe.Runtime.Modeling.MixtralConfig.From(Model.Mixtral8x7B) with { Layers = 2 };
+        Assert.Equal(5_719_326_720d, Moe.Runtime.Commands.Bench.BenchCommand.ModelFlopsPerToken(c, 4096));
+    }
+
+    [Fact]
+    public void BenchOnCpu_PrintsOneJsonLineWithTheBaselinesFields()
+    {
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 32, 1, 2, "cpu"), output));
+        using var doc = JsonDocument.Parse(output.ToString());
+        foreach (var key in new[] { "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "step_s", "max_mem_gb" })
+            Assert.True(doc.RootElement.TryGetProperty(key, out _), key);
+        Assert.True(doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble() > 0);
+    }
+}
