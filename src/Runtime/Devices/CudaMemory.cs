@@ -1,32 +1,31 @@
-using TorchSharp;
+using System.Runtime.InteropServices;
 
 namespace Moe.Runtime.Devices;
 
-/// <summary>The CUDA caching allocator's peak, read through TorchScript (TorchSharp binds no memory statistics).</summary>
+/// <summary>
+/// Device memory in use, from the CUDA runtime (cudaMemGetInfo). TorchSharp binds no allocator statistics,
+/// and a TorchScript call to torch.cuda.* does not compile in libtorch (a compile error aborts the process),
+/// so after the timed steps we read total − free: the caching allocator keeps its peak reservation, so this
+/// is the peak reserved memory plus the CUDA context — an upper bound of PyTorch's max_memory_allocated.
+/// </summary>
 public static class CudaMemory
 {
-    private static readonly Lazy<torch.jit.CompilationUnit?> Unit = new(() =>
-    {
-        try
-        {
-            return torch.jit.compile("def peak() -> int:\n    return torch.cuda.max_memory_allocated()\n");
-        }
-        catch (Exception)
-        {
-            return null;
-        }
-    });
+    private static readonly string[] Names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
 
-    /// <summary>Peak allocated GiB since start, or null when this libtorch cannot say.</summary>
-    public static double? MaxAllocatedGiB()
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    private delegate int MemGetInfo(out nuint free, out nuint total);
+
+    /// <summary>GiB in use on the current device, or null when no CUDA runtime library is loaded.</summary>
+    public static double? InUseGiB()
     {
-        try
+        foreach (var name in Names)
         {
-            return Unit.Value is { } u ? Convert.ToDouble(u.invoke("peak")) / (1L << 30) : null;
+            if (!NativeLibrary.TryLoad(name, out var lib)) continue;
+            if (!NativeLibrary.TryGetExport(lib, "cudaMemGetInfo", out var fn)) continue;
+            int status = Marshal.GetDelegateForFunctionPointer<MemGetInfo>(fn)(out var free, out var total);
+            if (status != 0) throw new InvalidOperationException($"cudaMemGetInfo failed with CUDA error {status}.");
+            return (total - free) / (double)(1L << 30);
         }
-        catch (Exception)
-        {
-            return null;
-        }
+        return null;
     }
 }

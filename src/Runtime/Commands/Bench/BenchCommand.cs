@@ -80,7 +80,8 @@ public static class BenchCommand
             ["tokens_per_s_per_gpu"] = tokensPerSecond,
             ["tflops_per_gpu"] = flops / 1e12,
             ["mfu"] = flops / (PeakTflops * 1e12),
-            ["max_mem_gb"] = device.type == DeviceType.CUDA ? CudaMemory.MaxAllocatedGiB() : null,
+            // Device memory in use after the steps (peak reserved + context); transformers reports max_memory_allocated.
+            ["max_mem_gb"] = device.type == DeviceType.CUDA ? CudaMemory.InUseGiB() : null,
         };
         output.WriteLine(JsonSerializer.Serialize(result));
         return 0;
