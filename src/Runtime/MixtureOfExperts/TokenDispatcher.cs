@@ -67,10 +67,13 @@ public static class LocalTokenDispatcher
             routed);
     }
 
-    /// <summary>out_t = Σ_rows of t  weight · y_row, accumulated in the hidden dtype.</summary>
+    /// <summary>
+    /// out_t = Σ_rows of t  weight · y_row in the hidden dtype (weights cast to it first, as transformers 4
+    /// does; in fp32 this is exact, in bf16 it avoids an fp32 copy of every expert output).
+    /// </summary>
     public static Tensor Unpermute(Tensor outputsRH, Dispatch d, long tokens)
     {
-        var weighted = (outputsRH.to(ScalarType.Float32) * d.WeightOfRowR.unsqueeze(1)).to(outputsRH.dtype);
+        var weighted = outputsRH * d.WeightOfRowR.to(outputsRH.dtype).unsqueeze(1);
         return torch.zeros(tokens, outputsRH.shape[1], dtype: outputsRH.dtype, device: outputsRH.device)
             .index_add(0, d.TokenOfRowR, weighted, 1);
     }

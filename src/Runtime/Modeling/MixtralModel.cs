@@ -125,9 +125,9 @@ public sealed class MixtralModel : nn.Module
         Tensor? lmLoss = null;
         if (labelsBS is not null)
         {
-            var perToken = nn.functional.cross_entropy(logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32), labelsBS.flatten(), reduction: nn.Reduction.None);
-            var maskT = (lossMaskBS ?? torch.ones(b, s, device: device)).flatten().to(ScalarType.Float32);
-            lmLoss = (perToken * maskT).sum() / maskT.sum().clamp_min(1);
+            // Positions outside the loss mask become ignore_index, so the fused mean counts only the rest.
+            var targets = lossMaskBS is null ? labelsBS.flatten() : torch.where(lossMaskBS.flatten().gt(0), labelsBS.flatten(), IgnoreIndex);
+            lmLoss = nn.functional.cross_entropy(logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32), targets, ignore_index: IgnoreIndex);
         }
         var options = layers[0].Moe.Options;
         Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
@@ -145,6 +145,8 @@ public sealed class MixtralModel : nn.Module
         // One process: the global batch's counts are this micro-batch's (reduced over data parallel once that exists).
         _ => AuxLosses.Switch(m.Routing.ScoresTE, m.RoutedPerExpert, options.TopK),
     };
+
+    private const long IgnoreIndex = -100;
 
     /// <summary>transformers' labels: position t predicts input t+1; the last position is not counted.</summary>
     public static (Tensor Labels, Tensor LossMask) ShiftedLabels(Tensor inputIdsBS)
