@@ -4,6 +4,7 @@ using Moe.Runtime.Commands.Bench;
 using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
+using Moe.Runtime.Commands.Preprocess;
 using Moe.Runtime.Commands.Train;
 
 namespace Moe.Runtime.Commands;
@@ -49,6 +50,7 @@ public static class MoeCommands
             yield return LayoutCommandParser.Create();
             yield return ForwardCommandParser.Create();
             yield return BenchCommandParser.Create();
+            yield return PreprocessCommandParser.Create();
         }
     }
 

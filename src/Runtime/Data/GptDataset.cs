@@ -53,6 +53,7 @@ public static class DataSplits
 public sealed class GptDataset
 {
     private readonly IndexedDataset _data;
+    private readonly IndexedDataset? _lossMask;
     private readonly SampleOptions _options;
     private readonly int[] _docOrder;
     private readonly (int DocPosition, int Offset)[] _sampleStarts;
@@ -65,9 +66,13 @@ public sealed class GptDataset
     /// <param name="samples">How many samples the run will draw; epochs are added until they fit.</param>
     /// <param name="options">Sequence length and masks.</param>
     /// <param name="seed">Seeds the epoch and sample shuffles.</param>
-    public GptDataset(IndexedDataset data, (long Start, long End) range, int samples, SampleOptions options, int seed)
+    /// <param name="lossMask">For SFT data: a uint8 dataset aligned with <paramref name="data"/>, 1 on tokens the loss may predict.</param>
+    public GptDataset(IndexedDataset data, (long Start, long End) range, int samples, SampleOptions options, int seed, IndexedDataset? lossMask = null)
     {
         _data = data;
+        _lossMask = lossMask;
+        if (lossMask is not null && !lossMask.Lengths.SequenceEqual(data.Lengths))
+            throw new UserError($"{lossMask.Prefix} does not line up with {data.Prefix}: their sequence lengths differ; preprocess them together.");
         _options = options;
         int s = options.SequenceLength;
         var sequences = Enumerable.Range((int)range.Start, (int)(range.End - range.Start)).ToArray();
@@ -105,17 +110,25 @@ public sealed class GptDataset
         var (docPos, offset) = _sampleStarts[_shuffle[index]];
         int s = _options.SequenceLength;
         var window = new long[s + 1];
+        var maskWindow = _lossMask is null ? null : new long[s + 1];
         int filled = 0;
         while (filled < s + 1)
         {
             int seq = _docOrder[docPos];
             int take = Math.Min(_data.Lengths[seq] - offset, s + 1 - filled);
-            if (take > 0) _data.Read(seq, offset, take).CopyTo(window, filled);
+            if (take > 0)
+            {
+                _data.Read(seq, offset, take).CopyTo(window, filled);
+                _lossMask?.Read(seq, offset, take).CopyTo(maskWindow!, filled);
+            }
             filled += Math.Max(take, 0);
             docPos++;
             offset = 0;
         }
-        return Build(window, _options);
+        var sample = Build(window, _options);
+        if (maskWindow is not null)
+            for (int i = 0; i < s; i++) sample.LossMask[i] *= maskWindow[i + 1]; // position i predicts token i+1
+        return sample;
     }
 
     /// <summary>Inputs, labels and Megatron's masks from S + 1 consecutive tokens.</summary>

@@ -173,6 +173,14 @@ public sealed class IndexedDatasetBuilder : IDisposable
         _lengths.Add(tokens.Length);
     }
 
+    /// <summary>Appends a sequence of bytes (a uint8 dataset, e.g. a loss mask).</summary>
+    public void AddBytes(byte[] values)
+    {
+        if (_dtype != IndexedDtype.UInt8) throw new ArgumentException("AddBytes writes uint8 datasets.");
+        _bin.Write(values);
+        _lengths.Add(values.Length);
+    }
+
     /// <summary>Marks the end of a document (Megatron appends the number of sequences so far).</summary>
     public void EndDocument() => _docs.Add(_lengths.Count);
 

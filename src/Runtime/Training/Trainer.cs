@@ -170,6 +170,7 @@ public sealed class Trainer : IDisposable
 public sealed class IndexedSampleSource : ISampleSource, IDisposable
 {
     private readonly IndexedDataset _data;
+    private readonly IndexedDataset? _lossMask;
     private readonly GptDataset _samples;
 
     public IndexedSampleSource(RecipeSettings s, int eodId)
@@ -179,10 +180,20 @@ public sealed class IndexedSampleSource : ISampleSource, IDisposable
         var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[0]
             ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the training split no weight.");
         int samples = checked(s.Training.Steps * s.Training.GlobalBatchSize);
-        _samples = new GptDataset(_data, range, samples, SampleOptions.From(s.Data, eodId), s.Training.Seed);
+        if (s.Data.Format == DataFormat.Sft)
+        {
+            if (!prefix.EndsWith("_text_document", StringComparison.Ordinal))
+                throw new UserError($"Data.Prefix \"{prefix}\": SFT data is written by `moe preprocess --sft` as <prefix>_text_document with <prefix>_lossmask_document beside it.");
+            _lossMask = IndexedDataset.Open(prefix[..^"_text_document".Length] + "_lossmask_document");
+        }
+        _samples = new GptDataset(_data, range, samples, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
     }
 
     public GptSample Sample(long index) => _samples.Sample(index);
 
-    public void Dispose() => _data.Dispose();
+    public void Dispose()
+    {
+        _data.Dispose();
+        _lossMask?.Dispose();
+    }
 }
