@@ -62,7 +62,11 @@ public sealed class RecipeSettingCodeFixProvider : CodeFixProvider
         if (value is null)
         {
             if (existing is null) return document;
-            updated = initializer.WithExpressions(initializer.Expressions.Remove(existing));
+            var remaining = initializer.Expressions.Remove(existing);
+            // Removing the last assignment takes its separator away: keep the spacing before the closing brace.
+            if (remaining.Count > 0 && initializer.Expressions.IndexOf(existing) == initializer.Expressions.Count - 1)
+                remaining = remaining.Replace(remaining.Last(), remaining.Last().WithTrailingTrivia(existing.GetTrailingTrivia()));
+            updated = initializer.WithExpressions(remaining);
         }
         else if (existing is not null)
         {
