@@ -63,3 +63,36 @@ public class EndToEndBuildTests : IDisposable
         Assert.DoesNotContain("MOE0", output);
     }
 }
+
+public class PackageTests
+{
+    [Fact]
+    public void MoeDslPackage_CarriesTheAnalyzersGeneratorsAndTheirMoeDsl()
+    {
+        string output = Directory.CreateTempSubdirectory("moe-pack-").FullName;
+        try
+        {
+            var psi = new ProcessStartInfo("dotnet", $"pack src/Dsl -nologo -v q -o \"{output}\"")
+            {
+                WorkingDirectory = Moe.Tests.TestPaths.RepoRoot,
+                RedirectStandardOutput = true,
+                RedirectStandardError = true,
+            };
+            using (var p = Process.Start(psi)!)
+            {
+                string log = p.StandardOutput.ReadToEnd() + p.StandardError.ReadToEnd();
+                Assert.True(p.WaitForExit(300_000) && p.ExitCode == 0, log);
+            }
+            string package = Assert.Single(Directory.GetFiles(output, "Moe.Dsl.*.nupkg"));
+            using var zip = System.IO.Compression.ZipFile.OpenRead(package);
+            var entries = zip.Entries.Select(e => e.FullName).ToHashSet();
+            Assert.Contains("lib/netstandard2.0/Moe.Dsl.dll", entries);
+            foreach (var dll in new[] { "Moe.Analyzers.dll", "Moe.Analyzers.CodeFixes.dll", "Moe.Generators.dll", "Moe.Dsl.dll" })
+                Assert.Contains("analyzers/dotnet/cs/" + dll, entries);
+        }
+        finally
+        {
+            Directory.Delete(output, recursive: true);
+        }
+    }
+}
