@@ -68,6 +68,7 @@ public sealed partial class RecipeGenerator
         {
             var model = Common(spec);
             model["Gpus"] = I(layout.Gpus);
+            model["GpusText"] = Count(layout.Gpus, "GPU");
             model["Tensor"] = I(layout.Tensor);
             model["Pipeline"] = I(layout.Pipeline);
             model["VirtualPipeline"] = I(layout.VirtualPipeline);

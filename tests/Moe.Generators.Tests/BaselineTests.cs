@@ -49,12 +49,15 @@ public sealed class BaselineTests
 
         var diff = InlineDiffBuilder.Diff(string.Join("\n", expectedLines), string.Join("\n", actualLines));
         var report = new StringBuilder($"{hintName} differs from its baseline (- baseline, + generated):\n");
-        int line = 0;
+        int baselineLine = 0, generatedLine = 0;
         foreach (var piece in diff.Lines)
         {
-            if (piece.Type != ChangeType.Deleted) line++;
-            if (piece.Type == ChangeType.Unchanged) continue;
-            report.Append(piece.Type == ChangeType.Deleted ? "- " : "+ ").Append($"{line,5}: ").AppendLine(piece.Text);
+            if (piece.Type != ChangeType.Inserted) baselineLine++;
+            if (piece.Type != ChangeType.Deleted) generatedLine++;
+            if (piece.Type == ChangeType.Deleted)
+                report.Append($"- baseline line {baselineLine,5}: ").AppendLine(piece.Text);
+            else if (piece.Type == ChangeType.Inserted)
+                report.Append($"+ generated line {generatedLine,4}: ").AppendLine(piece.Text);
         }
         Assert.Fail(report.ToString());
     }

@@ -6,7 +6,7 @@ namespace Moe.Recipes;
 
 /// <summary>
 /// The rank layout of <see cref="Moe.Recipes.TinyMixtral"/> (Tiny Mixtral), as Megatron-Core 0.20's
-/// <c>initialize_model_parallel</c> builds it: 1 GPUs, TP 1, PP 1, CP 1, EP 1, ETP 1,
+/// <c>initialize_model_parallel</c> builds it: 1 GPU, TP 1, PP 1, CP 1, EP 1, ETP 1,
 /// order tp-cp-ep-dp-pp, so DP 1 and EDP 1. Computed at compile time from the recipe's own values;
 /// command-line overrides of the layout make the runtime compute it again.
 /// </summary>
