@@ -121,7 +121,8 @@ public sealed partial class RecipeGenerator
             var template = Templates.GetOrAdd(name, Load);
             var scriptObject = new Scriban.Runtime.ScriptObject();
             foreach (var pair in model) scriptObject.Add(pair.Key, pair.Value);
-            var templateContext = new TemplateContext { MemberRenamer = member => member.Name };
+            // Layouts of 128+ GPUs list more than Scriban's default 1000 loop iterations (0 = no limit).
+            var templateContext = new TemplateContext { MemberRenamer = member => member.Name, LoopLimit = 0 };
             templateContext.PushGlobal(scriptObject);
             string text = template.Render(templateContext);
             // Identical output on every OS: the templates are stored with LF, but a checkout may add CR.
