@@ -7,7 +7,6 @@ using System.Linq;
 using System.Text;
 using Microsoft.CodeAnalysis;
 using Microsoft.CodeAnalysis.Text;
-using Moe.Generators.Model;
 using Scriban;
 
 namespace Moe.Generators;

@@ -6,7 +6,7 @@ using Microsoft.CodeAnalysis;
 using Moe.Dsl;
 using Moe.Dsl.Layout;
 using Moe.Dsl.Validation;
-using Moe.Generators.Model;
+using Moe.Generators.Evaluation;
 
 namespace Moe.Generators;
 
@@ -46,8 +46,8 @@ public sealed partial class RecipeGenerator
         public static RecipeSpec Parse(GeneratorAttributeSyntaxContext context, CancellationToken cancellationToken)
         {
             var recipe = (INamedTypeSymbol)context.TargetSymbol;
-            // Until the analyzers branch lands RecipeEvaluator, a stand-in evaluates the recipe (see StandIn/).
-            RecipeSettings settings = StandIn.StandInRecipeEvaluator.Evaluate(recipe, context.SemanticModel.Compilation, cancellationToken);
+            // The analyzers' evaluator: the same values they check; its locations stay here, not in the spec.
+            RecipeSettings settings = RecipeEvaluator.Evaluate(recipe, context.SemanticModel.Compilation, cancellationToken).Settings;
             cancellationToken.ThrowIfCancellationRequested();
 
             var errors = Moe.Dsl.Validation.RuleSet.Validate(settings)

@@ -1,5 +1,4 @@
 using Microsoft.CodeAnalysis;
-using Moe.Generators.Model;
 
 namespace Moe.Generators.Tests;
 

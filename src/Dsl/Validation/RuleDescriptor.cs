@@ -65,9 +65,6 @@ public sealed class RuleDescriptor
     /// <summary>The documentation page, relative to the repository root.</summary>
     public string HelpPath => "docs/diagnostics/" + Id + ".md";
 
-    /// <summary>The documentation page as a link.</summary>
-    public string HelpLink => HelpLinkBase + Id + ".md";
-
-    /// <summary>Where the diagnostics pages are published.</summary>
-    public const string HelpLinkBase = "https://github.com/moe-dev/moe/blob/main/docs/diagnostics/";
+    /// <summary>The documentation page as the analyzers' help link: the page's path in the repository.</summary>
+    public string HelpLink => HelpPath;
 }

@@ -3,7 +3,7 @@ using System.Collections;
 using System.Collections.Generic;
 using System.Linq;
 
-namespace Moe.Generators.Model;
+namespace Moe.Generators;
 
 /// <summary>
 /// An immutable array compared by its elements, so specs holding it compare by value and the

@@ -1,4 +1,4 @@
-namespace Moe.Generators.Model;
+namespace Moe.Generators;
 
 /// <summary>A valid recipe's Megatron-Core rank layout, as <c>Moe.Dsl.Layout.RankLayout</c> computes it.</summary>
 public sealed record LayoutSpec(

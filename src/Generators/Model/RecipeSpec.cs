@@ -1,4 +1,4 @@
-namespace Moe.Generators.Model;
+namespace Moe.Generators;
 
 /// <summary>
 /// Everything the emitter needs about one [Recipe] class, as plain values: no symbol, syntax node,
