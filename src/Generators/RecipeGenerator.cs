@@ -1,39 +1,44 @@
+using System.Collections.Immutable;
+using System.Linq;
 using Microsoft.CodeAnalysis;
+using Moe.Generators.Specs;
 
 namespace Moe.Generators;
 
 /// <summary>
-/// For each <c>[Recipe]</c> class: a <c>&lt;Recipe&gt;Wiring</c> class holding the recipe's Megatron-Core
-/// rank layout as readable data, and, in an executable project, the <c>Main</c> that hosts the moe verbs
-/// for the recipe. Reports no diagnostics: the Moe analyzers own them.
+/// For each [Recipe] class: the recipe's parallel-group wiring (layout constants, rank ↔ coordinates,
+/// every Megatron process-group family, communicator creation order, stage → layers, EP rank → experts)
+/// and, in a recipe console project that references Moe.Runtime, its Main. Diagnostics belong to the
+/// analyzers; an invalid or run-time-valued recipe gets a fallback that still has a Main, so the user
+/// sees the MOE error rather than a missing entry point.
 /// </summary>
 [Generator(LanguageNames.CSharp)]
 public sealed partial class RecipeGenerator : IIncrementalGenerator
 {
-    /// <summary>Names of the tracked pipeline steps, for caching tests.</summary>
-    public static class TrackingNames
-    {
-        public const string RecipeSpec = nameof(RecipeSpec);
-        public const string EmitMain = nameof(EmitMain);
-        public const string RecipeWithEntryPoint = nameof(RecipeWithEntryPoint);
-    }
+    /// <summary>Tracking names, watched by the incrementality tests.</summary>
+    public const string SpecStep = "RecipeSpec", EntryPointStep = "EntryPoint";
 
     public void Initialize(IncrementalGeneratorInitializationContext context)
     {
-        IncrementalValuesProvider<RecipeSpec> recipes = context.SyntaxProvider
-            .ForAttributeWithMetadataName(
-                "Moe.Dsl.RecipeAttribute",
-                static (node, _) => node is Microsoft.CodeAnalysis.CSharp.Syntax.ClassDeclarationSyntax,
-                static (attributed, cancellationToken) => Parser.Parse(attributed, cancellationToken))
-            .WithTrackingName(TrackingNames.RecipeSpec);
+        var specs = context.SyntaxProvider
+            .ForAttributeWithMetadataName("Moe.Dsl.RecipeAttribute",
+                predicate: static (node, _) => node is Microsoft.CodeAnalysis.CSharp.Syntax.ClassDeclarationSyntax,
+                transform: static (ctx, ct) => Parser.Parse((INamedTypeSymbol)ctx.TargetSymbol, ctx.SemanticModel.Compilation, ct))
+            .WithTrackingName(SpecStep);
 
-        // Only an executable gets a Main; a library of recipes gets the wiring alone.
-        IncrementalValueProvider<bool> emitMain = context.CompilationProvider
-            .Select(static (compilation, _) => compilation.Options.OutputKind is OutputKind.ConsoleApplication or OutputKind.WindowsApplication)
-            .WithTrackingName(TrackingNames.EmitMain);
+        var entryPoint = context.CompilationProvider
+            .Select(static (c, _) => c.Options.OutputKind == OutputKind.ConsoleApplication
+                && c.GetTypeByMetadataName("Moe.Runtime.Commands.MoeCommands") is not null)
+            .WithTrackingName(EntryPointStep);
 
-        var withEntryPoint = recipes.Combine(emitMain).WithTrackingName(TrackingNames.RecipeWithEntryPoint);
+        context.RegisterSourceOutput(specs, static (spc, spec) =>
+            spc.AddSource($"{spec.ClassName}.Wiring.g.cs", Emitter.Wiring(spec)));
 
-        context.RegisterSourceOutput(withEntryPoint, static (output, pair) => Emitter.Emit(output, pair.Left, pair.Right));
+        context.RegisterSourceOutput(specs.Collect().Combine(entryPoint), static (spc, pair) =>
+        {
+            ImmutableArray<RecipeSpec> all = pair.Left;
+            // One recipe per console project gets the entry point; with several, the project chooses its own Main.
+            if (pair.Right && all.Length == 1) spc.AddSource("Program.g.cs", Emitter.EntryPoint(all[0]));
+        });
     }
 }

@@ -49,12 +49,7 @@ public sealed class RecipeOptions
             Description = "Sequence parallelism (needs --tp > 1). Megatron: --sequence-parallel.",
             DefaultValueFactory = _ => p.SequenceParallel,
         };
-        Order = new Option<string>("--order")
-        {
-            Description = "Rank order: tp-cp-ep-dp-pp (Megatron's default) or tp-cp-ep-pp-dp (--use-tp-pp-dp-mapping).",
-            DefaultValueFactory = _ => OrderName(p.Order),
-        };
-        Order.AcceptOnlyFromAmong(OrderName(RankOrder.TpCpEpDpPp), OrderName(RankOrder.TpCpEpPpDp));
+        Order = OrderOption(p.Order);
         MicroBatchSize = Int("--micro-batch-size", "Samples per forward/backward on one rank. Megatron: --micro-batch-size.", t.MicroBatchSize);
         GlobalBatchSize = Int("--global-batch-size", "Samples per optimizer step over all data-parallel ranks. Megatron: --global-batch-size.", t.GlobalBatchSize);
         Steps = Int("--steps", "Optimizer steps. Megatron: --train-iters.", t.Steps);
@@ -114,14 +109,20 @@ public sealed class RecipeOptions
         },
     };
 
-    public static string OrderName(RankOrder order) => order == RankOrder.TpCpEpDpPp ? "tp-cp-ep-dp-pp" : "tp-cp-ep-pp-dp";
-
-    public static RankOrder ParseOrder(string text) => text switch
+    /// <summary>The --order option (shared with <c>moe layout</c>).</summary>
+    public static Option<string> OrderOption(RankOrder defaultOrder)
     {
-        "tp-cp-ep-dp-pp" => RankOrder.TpCpEpDpPp,
-        "tp-cp-ep-pp-dp" => RankOrder.TpCpEpPpDp,
-        _ => throw new UserError($"--order {text} is not a Megatron order; use tp-cp-ep-dp-pp or tp-cp-ep-pp-dp."),
-    };
+        var option = new Option<string>("--order")
+        {
+            Description = "Rank order: tp-cp-ep-dp-pp (Megatron's default) or tp-cp-ep-pp-dp (--use-tp-pp-dp-mapping).",
+            DefaultValueFactory = _ => RankLayout.OrderName(defaultOrder),
+        };
+        option.AcceptOnlyFromAmong(RankLayout.OrderName(RankOrder.TpCpEpDpPp), RankLayout.OrderName(RankOrder.TpCpEpPpDp));
+        return option;
+    }
+
+    public static RankOrder ParseOrder(string text) =>
+        RankLayout.ParseOrder(text) ?? throw new UserError($"--order {text} is not a Megatron order; use tp-cp-ep-dp-pp or tp-cp-ep-pp-dp.");
 
     private static Option<int> Int(string name, string description, int defaultValue) => new(name)
     {
