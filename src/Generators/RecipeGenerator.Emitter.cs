@@ -3,6 +3,7 @@ using System.IO;
 using System.Linq;
 using Moe.Generators.Specs;
 using Scriban;
+using Scriban.Runtime;
 
 namespace Moe.Generators;
 
@@ -18,7 +19,7 @@ public sealed partial class RecipeGenerator
         public static string Wiring(RecipeSpec spec)
         {
             if (!spec.LayoutKnown)
-                return FallbackTemplate.Render(new { Namespace = spec.Namespace, ClassName = spec.ClassName, Problems = spec.Problems.ToArray() }, m => m.Name);
+                return Render(FallbackTemplate, new { Namespace = spec.Namespace, ClassName = spec.ClassName, Problems = spec.Problems.ToArray() });
             var model = new
             {
                 spec.Namespace,
@@ -50,11 +51,21 @@ public sealed partial class RecipeGenerator
                 Stages = spec.StageLayers.Select((ranges, stage) => "new LayerRange[] { " + string.Join(", ", ranges.Select(r => $"new({I(r.Start)}, {I(r.Count)})")) + $" }}, // stage {I(stage)}").ToArray(),
                 Experts = spec.ExpertsOfRank.Select((r, rank) => $"new({I(r.Start)}, {I(r.Count)}), // ep rank {I(rank)}").ToArray(),
             };
-            return WiringTemplate.Render(model, m => m.Name);
+            return Render(WiringTemplate, model);
         }
 
         public static string EntryPoint(RecipeSpec spec) =>
-            EntryPointTemplate.Render(new { Type = spec.Namespace.Length == 0 ? "global::" + spec.ClassName : $"global::{spec.Namespace}.{spec.ClassName}" }, m => m.Name);
+            Render(EntryPointTemplate, new { Type = spec.Namespace.Length == 0 ? "global::" + spec.ClassName : $"global::{spec.Namespace}.{spec.ClassName}" });
+
+        private static string Render(Template template, object model)
+        {
+            var globals = new ScriptObject();
+            globals.Import(model, renamer: m => m.Name);
+            // No loop limit: 128 GPUs give more than Scriban's default 1000 iterations (coordinates, creation runs).
+            var context = new TemplateContext { MemberRenamer = m => m.Name, LoopLimit = 0 };
+            context.PushGlobal(globals);
+            return template.Render(context);
+        }
 
         private static string I(int v) => v.ToString(CultureInfo.InvariantCulture);
 

@@ -42,14 +42,16 @@ public class GeneratorTests
 
     private static string Diff(string expected, string actual)
     {
+        // Line numbers of the baseline for removed lines and of the generated text for added ones.
         var sb = new StringBuilder();
         var diff = InlineDiffBuilder.Diff(expected, actual);
-        int line = 0;
+        int baselineLine = 0, generatedLine = 0;
         foreach (var l in diff.Lines)
         {
-            line++;
-            if (l.Type == ChangeType.Inserted) sb.AppendLine($"+{line,5}: {l.Text}");
-            else if (l.Type == ChangeType.Deleted) sb.AppendLine($"-{line,5}: {l.Text}");
+            if (l.Type != ChangeType.Inserted) baselineLine++;
+            if (l.Type != ChangeType.Deleted) generatedLine++;
+            if (l.Type == ChangeType.Deleted) sb.AppendLine($"- baseline  {baselineLine,5}: {l.Text}");
+            else if (l.Type == ChangeType.Inserted) sb.AppendLine($"+ generated {generatedLine,5}: {l.Text}");
         }
         return sb.ToString();
     }
@@ -80,11 +82,27 @@ public class GeneratorTests
         var edited = compilation.AddSyntaxTrees(CSharpSyntaxTree.ParseText("namespace Other; public static class Unrelated { public const int X = 1; }", new CSharpParseOptions(LanguageVersion.Latest)));
         driver = driver.RunGenerators(edited);
         var steps = driver.GetRunResult().Results.Single().TrackedSteps;
-        var outputs = steps[RecipeGenerator.SpecStep].SelectMany(s => s.Outputs).Select(o => o.Reason).ToArray();
+        var outputs = steps[RecipeGenerator.SpecStep].Concat(steps[RecipeGenerator.EntryPointStep]).SelectMany(s => s.Outputs).Select(o => o.Reason).ToArray();
         Assert.NotEmpty(outputs);
         Assert.All(outputs, r => Assert.True(r is IncrementalStepRunReason.Cached or IncrementalStepRunReason.Unchanged, $"step output was {r}"));
         var files = driver.GetRunResult().Results.Single().TrackedOutputSteps.SelectMany(s => s.Value).SelectMany(s => s.Outputs).Select(o => o.Reason);
         Assert.All(files, r => Assert.True(r is IncrementalStepRunReason.Cached or IncrementalStepRunReason.Unchanged, $"output was {r}"));
+    }
+
+    [Fact]
+    public void RecipeEdit_ModifiesTheSpecAndTheWiring()
+    {
+        string source = RecipeSource("Mixtral8x7b");
+        string moreGpus = source.Replace("Gpus = 32,", "Gpus = 64,");
+        Assert.NotEqual(source, moreGpus);
+        var compilation = GeneratorHarness.Compilation(source);
+        var driver = GeneratorHarness.Driver().RunGenerators(compilation);
+        driver = driver.RunGenerators(compilation.ReplaceSyntaxTree(compilation.SyntaxTrees[0],
+            CSharpSyntaxTree.ParseText(moreGpus, new CSharpParseOptions(LanguageVersion.Latest), path: "Source0.cs")));
+
+        var run = driver.GetRunResult().Results.Single();
+        Assert.Equal(IncrementalStepRunReason.Modified, run.TrackedSteps[RecipeGenerator.SpecStep].Single().Outputs.Single().Reason);
+        Assert.Contains("public const int Gpus = 64;", run.GeneratedSources.Single(s => s.HintName == "Mixtral8x7b.Wiring.g.cs").SourceText.ToString());
     }
 
     [Fact]
