@@ -134,17 +134,30 @@ public sealed class MixtralModel : nn.Module
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
                 ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK)
-                : moeOutputs.Select(m => MegatronAux(m, options, (int)b)).Aggregate((x, y) => x + y);
+                : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
         Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(returnLogits ? logitsBSV : null, lmLoss, aux, z, moeOutputs);
     }
 
-    private static Tensor MegatronAux(MoeLayerOutput m, MoeOptions options, int batch) => options.LoadBalancing switch
+    private Tensor MegatronAux(MoeLayerOutput m, MoeLayer layer, MoeOptions options, int batch) => options.LoadBalancing switch
     {
         Dsl.LoadBalancing.SeqAuxLoss => AuxLosses.Sequence(m.Routing.ScoresTE, m.Routing.ExpertsTK, batch, options.TopK),
-        // One process: the global batch's counts are this micro-batch's (reduced over data parallel once that exists).
+        // Megatron accumulates the global counts only in training with gradients (not in evaluation or
+        // recomputation); elsewhere the loss is reported against this micro-batch's counts.
+        Dsl.LoadBalancing.GlobalAuxLoss => AuxLosses.Global(m.Routing.ScoresTE,
+            training && torch.is_grad_enabled() ? layer.GlobalAuxLoss.Accumulate(m.RoutedPerExpert) : m.RoutedPerExpert.to(ScalarType.Float32),
+            options.TopK),
         _ => AuxLosses.Switch(m.Routing.ScoresTE, m.RoutedPerExpert, options.TopK),
     };
+
+    /// <summary>
+    /// Starts a new global batch for <see cref="Dsl.LoadBalancing.GlobalAuxLoss"/>: clears every layer's
+    /// running routed counts. Call after each optimizer step (Megatron's reset_global_aux_loss_tracker).
+    /// </summary>
+    public void ResetGlobalAuxLoss()
+    {
+        foreach (var l in layers) l.Moe.GlobalAuxLoss.Reset();
+    }
 
     private const long IgnoreIndex = -100;
 
