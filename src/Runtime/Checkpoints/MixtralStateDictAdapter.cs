@@ -1,5 +1,6 @@
 using System.Text.Json;
 using Moe.Runtime.Commands;
+using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -51,6 +52,27 @@ public static class MixtralStateDictAdapter
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;
+    }
+
+    /// <summary>
+    /// Builds the model a Hugging Face directory describes (config.json) and loads its weights
+    /// (<see cref="Load"/>). <paramref name="options"/> default to transformers' Mixtral semantics with the
+    /// config's top-k.
+    /// </summary>
+    public static MixtralModel LoadModel(string directory, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var config = ReadConfig(directory);
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        try
+        {
+            Load(model, directory);
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Reads config.json of a Hugging Face model directory.</summary>
@@ -198,8 +220,15 @@ public static class MixtralStateDictAdapter
             ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
             ["max_position_embeddings"] = c.MaxPositionEmbeddings,
             ["tie_word_embeddings"] = c.TieWordEmbeddings,
+            ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
             ["sliding_window"] = c.SlidingWindow,
-            ["hidden_act"] = "silu",
+            ["hidden_act"] = c.HiddenAct,
+            ["attention_dropout"] = c.AttentionDropout,
+            ["router_jitter_noise"] = c.RouterJitterNoise,
+            ["output_router_logits"] = c.OutputRouterLogits,
+            ["initializer_range"] = c.InitializerRange,
+            ["bos_token_id"] = c.BosTokenId,
+            ["eos_token_id"] = c.EosTokenId,
             ["torch_dtype"] = model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32",
         };
         string path = System.IO.Path.Combine(directory, "config.json");

@@ -59,8 +59,6 @@ public sealed class MixtralModel : nn.Module
 
     public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device) : base("model")
     {
-        if (config.SlidingWindow is not null)
-            throw new Commands.UserError($"This checkpoint sets sliding_window = {config.SlidingWindow}; Moe implements full causal attention only (every released Mixtral config sets it to null).");
         if (config.TieWordEmbeddings)
             throw new Commands.UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
@@ -85,6 +83,17 @@ public sealed class MixtralModel : nn.Module
     public void SetMoeOptions(MoeOptions options)
     {
         foreach (var l in layers) l.Moe.Options = options;
+    }
+
+    /// <summary>
+    /// A randomly initialised model (<see cref="InitializeWeights"/> with the config's initializer_range);
+    /// <paramref name="options"/> default to transformers' Mixtral semantics with the config's top-k.
+    /// </summary>
+    public static MixtralModel Random(MixtralConfig config, long seed, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        model.InitializeWeights(seed, config.InitializerRange);
+        return model;
     }
 
     /// <summary>transformers' initialisation: normal(0, 0.02) for matrices, ones for norms, from a seeded generator.</summary>
@@ -112,6 +121,12 @@ public sealed class MixtralModel : nn.Module
         positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
         var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
+        if (Config.SlidingWindow is int window && s > window)
+        {
+            // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
+            var slidingSS = SlidingWindowCausalMask(s, window, device);
+            mask = mask is null ? slidingSS.unsqueeze(0).unsqueeze(0) : mask & slidingSS;
+        }
 
         var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
@@ -169,6 +184,14 @@ public sealed class MixtralModel : nn.Module
         var mask = torch.ones(b, s, device: inputIdsBS.device);
         mask[.., ^1] = torch.zeros(b, device: inputIdsBS.device);
         return (labels, mask);
+    }
+
+    /// <summary>Sliding-window causal mask [S, S] (true = attend): i − window &lt; j ≤ i (transformers sliding_window_causal_mask_function).</summary>
+    public static Tensor SlidingWindowCausalMask(long s, int window, Device? device = null)
+    {
+        var i = torch.arange(s, device: device).unsqueeze(1);
+        var j = torch.arange(s, device: device).unsqueeze(0);
+        return j.le(i) & j.gt(i - window);
     }
 
     /// <summary>Document-causal mask [B, 1, S, S]: position i attends to j ≤ i of the same document.</summary>
