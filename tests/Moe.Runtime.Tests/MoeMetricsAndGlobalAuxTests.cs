@@ -99,4 +99,24 @@ public class MoeMetricsAndGlobalAuxTests
         Assert.Equal(new float[] { 1f, 7f, 80f }, y.flatten().data<float>().ToArray().Select(v => (float)Math.Round(v, 4)).ToArray());
         Assert.Equal(2f / 6f, d.DropRate.item<float>(), 6);
     }
+
+    [Fact]
+    public void SigmoidRouting_AuxScoresAreTheSigmoidsNormalisedPerToken()
+    {
+        // σ(0, 1, 2) = (0.5, 0.7311, 0.8808), sum 2.1119 → (0.2368, 0.3462, 0.4171) (Megatron compute_routing_scores_for_aux_loss).
+        var r = TopKRouter.Route(torch.ones(1, 1), torch.tensor(new float[] { 0, 1, 2 }).view(3, 1), new MoeOptions { TopK = 2, ScoreFunction = ScoreFunction.Sigmoid });
+        var scores = r.ScoresTE.flatten().data<float>().ToArray();
+        Assert.Equal(0.2368f, scores[0], 4);
+        Assert.Equal(0.3462f, scores[1], 4);
+        Assert.Equal(0.4171f, scores[2], 4);
+    }
+
+    [Fact]
+    public void TopOneWithoutPreSoftmax_GivesWeightOne_WithPreSoftmaxTheProbability()
+    {
+        // softmax(0, 1, 2)[2] = 0.6652. Post-softmax over one logit is 1 (no router gradient: Megatron rule R062).
+        var gate = torch.tensor(new float[] { 0, 1, 2 }).view(3, 1);
+        Assert.Equal(1f, TopKRouter.Route(torch.ones(1, 1), gate, new MoeOptions { TopK = 1 }).WeightsTK.item<float>(), 6);
+        Assert.Equal(0.6652f, TopKRouter.Route(torch.ones(1, 1), gate, new MoeOptions { TopK = 1, PreSoftmax = true }).WeightsTK.item<float>(), 4);
+    }
 }
