@@ -46,14 +46,27 @@ public static class AuxLosses
     /// <param name="logitsPerLayerTE">Raw router logits of each layer, [T, E] each.</param>
     /// <param name="experts">E.</param>
     /// <param name="topK">K.</param>
-    public static Tensor Transformers(IReadOnlyList<Tensor> logitsPerLayerTE, int experts, int topK)
+    /// <param name="tokenMaskT">
+    /// transformers' attention mask flattened batch-major ([T], 1 = token, 0 = padding), or null. With a mask
+    /// both means become sums over the unpadded rows of every layer divided by their count, so padding
+    /// neither counts as routed nor dilutes P̄.
+    /// </param>
+    public static Tensor Transformers(IReadOnlyList<Tensor> logitsPerLayerTE, int experts, int topK, Tensor? tokenMaskT = null)
     {
         var probsNE = torch.cat(logitsPerLayerTE.Select(l => l.to(ScalarType.Float32)).ToArray()).softmax(-1);   // N = L·T
         var (_, selectedNK) = probsNE.topk(topK, dim: -1);
         var maskNKE = nn.functional.one_hot(selectedNK, experts).to(ScalarType.Float32);
-        var tokensPerExpertKE = maskNKE.mean([0]);          // f[k, e]: fraction of rows whose slot k chose e
-        var probPerExpertE = probsNE.mean([0]);             // P̄[e]
-        return (tokensPerExpertKE * probPerExpertE.unsqueeze(0)).sum() * experts;
+        if (tokenMaskT is null)
+        {
+            var tokensPerExpertKE = maskNKE.mean([0]);      // f[k, e]: fraction of rows whose slot k chose e
+            var probPerExpertE = probsNE.mean([0]);         // P̄[e]
+            return (tokensPerExpertKE * probPerExpertE.unsqueeze(0)).sum() * experts;
+        }
+        var keepN1 = tokenMaskT.to(ScalarType.Float32).repeat(logitsPerLayerTE.Count).unsqueeze(1);   // the same mask for every layer
+        var kept = keepN1.sum();
+        var maskedKE = (maskNKE * keepN1.unsqueeze(2)).sum([0]) / kept;
+        var maskedE = (probsNE * keepN1).sum([0]) / kept;
+        return (maskedKE * maskedE.unsqueeze(0)).sum() * experts;
     }
 
     /// <summary>

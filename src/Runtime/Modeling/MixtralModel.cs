@@ -113,8 +113,19 @@ public sealed class MixtralModel : nn.Module
     /// labels[t]); <paramref name="lossMaskBS"/> (1 = counted) defaults to all ones. Use
     /// <see cref="ShiftedLabels"/> for transformers' convention (labels = inputs shifted by one).
     /// </summary>
+    /// <param name="inputIdsBS">Token ids, int64 [B, S].</param>
+    /// <param name="labelsBS">Targets aligned with the inputs, or null for no loss.</param>
+    /// <param name="lossMaskBS">1 where a position counts in lm_loss (default: all).</param>
+    /// <param name="positionIdsBS">RoPE positions (default 0…S−1 per row; packed data restarts them per document).</param>
+    /// <param name="documentIdsBS">Document of each position: attention stays inside a document (packed sequences).</param>
+    /// <param name="returnLogits">False to drop the [B, S, V] logits from the result (training).</param>
+    /// <param name="attentionMaskBS">
+    /// transformers' 2-D padding mask (1 = token, 0 = padding): padded keys are never attended to, and the
+    /// transformers aux loss leaves padded tokens out of both its fractions (load_balancing_loss_func's
+    /// masked branch). Megatron's aux losses ignore it (they count every token on the rank).
+    /// </param>
     public ForwardOutput Forward(Tensor inputIdsBS, Tensor? labelsBS = null, Tensor? lossMaskBS = null,
-        Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true)
+        Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true, Tensor? attentionMaskBS = null)
     {
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
         var device = embed_tokens.device;
@@ -126,6 +137,16 @@ public sealed class MixtralModel : nn.Module
             // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
             var slidingSS = SlidingWindowCausalMask(s, window, device);
             mask = mask is null ? slidingSS.unsqueeze(0).unsqueeze(0) : mask & slidingSS;
+        }
+        if (attentionMaskBS is not null)
+        {
+            // Causal ∧ key is a real token, [B, 1, S, S]. A padding query with no real key before it (left
+            // padding) would have an empty row — NaN or 0 depending on the kernel, and a NaN would reach real
+            // tokens through V and the aux loss — so every position may always see itself; real tokens
+            // already do, so their outputs are unchanged.
+            var keysB11S = attentionMaskBS.gt(0).view(b, 1, 1, s);
+            var selfSS = torch.eye(s, dtype: ScalarType.Bool, device: device);
+            mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
         }
 
         var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
@@ -148,7 +169,7 @@ public sealed class MixtralModel : nn.Module
         Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
-                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK)
+                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
                 : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
         Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(returnLogits ? logitsBSV : null, lmLoss, aux, z, moeOutputs);
