@@ -143,7 +143,7 @@ public static class MixtralStateDictAdapter
         var entry = file.Entry(key);
         if (!entry.Shape.SequenceEqual(target.shape))
             throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}] from config.json.");
-        using var source = file.Read(key);
+        using var source = file.Map(key);   // zero-copy view of the mapped bytes; copy_ converts dtype and device
         if (!source.is_floating_point())
             throw new UserError($"{file.Path}: tensor '{key}' is {entry.Dtype}; weights must be floating point.");
         target.copy_(source);
