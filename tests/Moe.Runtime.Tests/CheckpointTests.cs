@@ -206,6 +206,27 @@ public class CheckpointTests : IDisposable
         Assert.InRange(a.LmHead.std().item<float>(), 0.019, 0.021);
     }
 
+    [Fact]
+    public void LargeModel_IsSavedAsShardsWithAnIndex_AndLoadsBack()
+    {
+        var config = MixtralStateDictAdapter.ReadConfig(Fixture);
+        using var model = MixtralModel.Random(config, seed: 2, ScalarType.Float32, CPU);
+        string saved = Path.Combine(_dir, "sharded");
+        // 41 tensors, 2 × 131072-byte embedding/head matrices and smaller ones: 200 kB shards need several files.
+        MixtralStateDictAdapter.Save(model, saved, maxShardBytes: 200_000);
+        var shards = Directory.GetFiles(saved, "model-*-of-*.safetensors").Select(Path.GetFileName).Order(StringComparer.Ordinal).ToArray();
+        Assert.True(shards.Length > 2, string.Join(", ", shards));
+        Assert.Equal($"model-00001-of-{shards.Length:D5}.safetensors", shards[0]);
+        Assert.False(File.Exists(Path.Combine(saved, "model.safetensors")));
+        using var index = JsonDocument.Parse(File.ReadAllText(Path.Combine(saved, "model.safetensors.index.json")));
+        long totalSize = index.RootElement.GetProperty("metadata").GetProperty("total_size").GetInt64();
+        Assert.Equal(model.parameters().Sum(p => p.NumberOfElements * 4), totalSize);
+        Assert.Equal(41, index.RootElement.GetProperty("weight_map").EnumerateObject().Count());
+        using var reloaded = MixtralStateDictAdapter.LoadModel(saved, ScalarType.Float32, CPU);
+        foreach (var ((name, a), (_, b)) in model.named_parameters().Zip(reloaded.named_parameters()))
+            Assert.True(a.Equals(b), name);
+    }
+
     private static void WriteRaw(string path, string header, int dataBytes)
     {
         byte[] h = Encoding.UTF8.GetBytes(header);
