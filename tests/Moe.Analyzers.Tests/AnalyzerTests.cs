@@ -147,3 +147,28 @@ public class AnalyzerTests
         }
     }
 }
+
+public class SeverityTests
+{
+    private const string Recipe = """
+        [Recipe]
+        public sealed partial class R : Recipe
+        {
+            public override Model Model => Model.Mixtral8x22B;
+            public override Parallelism Parallelism => new() { Gpus = 64, Tensor = 2, Pipeline = 2, {|#0:Expert = 16|}, SequenceParallel = true };
+        }
+        """;
+
+    [Fact]
+    public async Task EditorConfig_CanLowerARuleToAWarning()
+    {
+        await Verify.Analyzer<TopologyAnalyzer>(Recipe, "root = true\n\n[*.cs]\ndotnet_diagnostic.MOE0003.severity = warning\n",
+            Verify.Diagnostic("MOE0003", DiagnosticSeverity.Warning).WithLocation(0).WithMessage("Expert (16) must divide the 8 experts of Mixtral 8x22B; valid: 1, 2, 4, 8"));
+    }
+
+    [Fact]
+    public async Task EditorConfig_CanSilenceARule()
+    {
+        await Verify.Analyzer<TopologyAnalyzer>(Recipe.Replace("{|#0:Expert = 16|}", "Expert = 16"), "root = true\n\n[*.cs]\ndotnet_diagnostic.MOE0003.severity = none\n");
+    }
+}

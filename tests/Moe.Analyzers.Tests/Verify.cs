@@ -13,7 +13,10 @@ internal static class Verify
 
     public const string Usings = "using Moe.Dsl;\nusing Moe.Dsl.Layout;\n\nnamespace Demo;\n\n";
 
-    public static async Task Analyzer<TAnalyzer>(string source, params DiagnosticResult[] expected)
+    public static Task Analyzer<TAnalyzer>(string source, params DiagnosticResult[] expected)
+        where TAnalyzer : DiagnosticAnalyzer, new() => Analyzer<TAnalyzer>(source, editorConfig: null, expected);
+
+    public static async Task Analyzer<TAnalyzer>(string source, string? editorConfig, params DiagnosticResult[] expected)
         where TAnalyzer : DiagnosticAnalyzer, new()
     {
         var test = new CSharpAnalyzerTest<TAnalyzer, DefaultVerifier>
@@ -22,6 +25,7 @@ internal static class Verify
             ReferenceAssemblies = ReferenceAssemblies.Net.Net80,
         };
         test.TestState.AdditionalReferences.Add(Dsl);
+        if (editorConfig is not null) test.TestState.AnalyzerConfigFiles.Add(("/.editorconfig", editorConfig));
         test.ExpectedDiagnostics.AddRange(expected);
         await test.RunAsync();
     }

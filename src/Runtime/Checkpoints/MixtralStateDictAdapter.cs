@@ -45,10 +45,11 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "block_sparse_moe.gate.weight", layer.Moe.Gate, t => t));
             list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
             list.Add(new(p + "post_attention_layernorm.weight", layer.PostAttentionNorm, t => t));
-            list.Add(new(p + "self_attn.k_proj.weight", layer.SelfAttention.K, t => t));
-            list.Add(new(p + "self_attn.o_proj.weight", layer.SelfAttention.O, t => t));
-            list.Add(new(p + "self_attn.q_proj.weight", layer.SelfAttention.Q, t => t));
-            list.Add(new(p + "self_attn.v_proj.weight", layer.SelfAttention.V, t => t));
+            var attention = layer.SelfAttention;
+            list.Add(new(p + "self_attn.k_proj.weight", attention.Qkv, t => t.narrow(0, attention.KRows.Start, attention.KRows.Count)));
+            list.Add(new(p + "self_attn.o_proj.weight", attention.O, t => t));
+            list.Add(new(p + "self_attn.q_proj.weight", attention.Qkv, t => t.narrow(0, attention.QRows.Start, attention.QRows.Count)));
+            list.Add(new(p + "self_attn.v_proj.weight", attention.Qkv, t => t.narrow(0, attention.VRows.Start, attention.VRows.Count)));
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;

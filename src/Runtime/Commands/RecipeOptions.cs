@@ -34,40 +34,35 @@ public sealed class RecipeOptions
     {
         var p = defaults.Parallelism;
         var t = defaults.Training;
-        Gpus = Int("--gpus", "Total number of GPUs (world size). Megatron: the launcher's WORLD_SIZE.", p.Gpus);
-        Tensor = Int("--tp", "Tensor-parallel size. Megatron: --tensor-model-parallel-size.", p.Tensor);
-        Pipeline = Int("--pp", "Pipeline-parallel size. Megatron: --pipeline-model-parallel-size.", p.Pipeline);
-        Context = Int("--cp", "Context-parallel size. Megatron: --context-parallel-size.", p.Context);
-        Expert = Int("--ep", "Expert-parallel size. Megatron: --expert-model-parallel-size.", p.Expert);
+        Gpus = Int("--gpus", Doc("Parallelism.Gpus", "Total number of GPUs (world size). Megatron: the launcher's WORLD_SIZE."), p.Gpus);
+        Tensor = Int("--tp", Doc("Parallelism.Tensor", "Tensor-parallel size. Megatron: --tensor-model-parallel-size."), p.Tensor);
+        Pipeline = Int("--pp", Doc("Parallelism.Pipeline", "Pipeline-parallel size. Megatron: --pipeline-model-parallel-size."), p.Pipeline);
+        Context = Int("--cp", Doc("Parallelism.Context", "Context-parallel size. Megatron: --context-parallel-size."), p.Context);
+        Expert = Int("--ep", Doc("Parallelism.Expert", "Expert-parallel size. Megatron: --expert-model-parallel-size."), p.Expert);
         ExpertTensor = new Option<int?>("--etp")
         {
-            Description = "Expert tensor-parallel size (default: equal to --tp). Megatron: --expert-tensor-parallel-size.",
+            Description = Doc("Parallelism.ExpertTensor", "Expert tensor-parallel size (default: equal to --tp). Megatron: --expert-tensor-parallel-size."),
             DefaultValueFactory = _ => p.ExpertTensor,
         };
         SequenceParallel = new Option<bool>("--sequence-parallel")
         {
-            Description = "Sequence parallelism (needs --tp > 1). Megatron: --sequence-parallel.",
+            Description = Doc("Parallelism.SequenceParallel", "Sequence parallelism (needs --tp > 1). Megatron: --sequence-parallel."),
             DefaultValueFactory = _ => p.SequenceParallel,
         };
-        Order = new Option<string>("--order")
-        {
-            Description = "Rank order: tp-cp-ep-dp-pp (Megatron's default) or tp-cp-ep-pp-dp (--use-tp-pp-dp-mapping).",
-            DefaultValueFactory = _ => OrderName(p.Order),
-        };
-        Order.AcceptOnlyFromAmong(OrderName(RankOrder.TpCpEpDpPp), OrderName(RankOrder.TpCpEpPpDp));
-        MicroBatchSize = Int("--micro-batch-size", "Samples per forward/backward on one rank. Megatron: --micro-batch-size.", t.MicroBatchSize);
-        GlobalBatchSize = Int("--global-batch-size", "Samples per optimizer step over all data-parallel ranks. Megatron: --global-batch-size.", t.GlobalBatchSize);
-        Steps = Int("--steps", "Optimizer steps. Megatron: --train-iters.", t.Steps);
+        Order = OrderOption(p.Order);
+        MicroBatchSize = Int("--micro-batch-size", Doc("Training.MicroBatchSize", "Samples per forward/backward on one rank. Megatron: --micro-batch-size."), t.MicroBatchSize);
+        GlobalBatchSize = Int("--global-batch-size", Doc("Training.GlobalBatchSize", "Samples per optimizer step over all data-parallel ranks. Megatron: --global-batch-size."), t.GlobalBatchSize);
+        Steps = Int("--steps", Doc("Training.Steps", "Optimizer steps. Megatron: --train-iters."), t.Steps);
         LearningRate = new Option<double>("--lr")
         {
-            Description = "Peak learning rate. Megatron: --lr.",
+            Description = Doc("Training.LearningRate", "Peak learning rate. Megatron: --lr."),
             DefaultValueFactory = _ => t.LearningRate,
         };
-        SequenceLength = Int("--seq-length", "Tokens per sample. Megatron: --seq-length.", defaults.Data.SequenceLength);
-        DataPath = Text("--data-path", "Dataset prefix without .bin/.idx. Megatron: --data-path.", defaults.Data.Prefix);
-        Load = Text("--load", "Checkpoint to start from (Hugging Face directory or Moe checkpoint). Megatron: --load.", defaults.Checkpoint.Load);
-        Save = Text("--save", "Directory to save checkpoints to. Megatron: --save.", defaults.Checkpoint.Save);
-        Seed = Int("--seed", "Random seed. Megatron: --seed.", t.Seed);
+        SequenceLength = Int("--seq-length", Doc("Data.SequenceLength", "Tokens per sample. Megatron: --seq-length."), defaults.Data.SequenceLength);
+        DataPath = Text("--data-path", Doc("Data.Prefix", "Dataset prefix without .bin/.idx. Megatron: --data-path."), defaults.Data.Prefix);
+        Load = Text("--load", Doc("Checkpoint.Load", "Checkpoint to start from (Hugging Face directory or Moe checkpoint). Megatron: --load."), defaults.Checkpoint.Load);
+        Save = Text("--save", Doc("Checkpoint.Save", "Directory to save checkpoints to. Megatron: --save."), defaults.Checkpoint.Save);
+        Seed = Int("--seed", Doc("Training.Seed", "Random seed. Megatron: --seed."), t.Seed);
     }
 
     /// <summary>Every option, in the order help lists them.</summary>
@@ -114,14 +109,20 @@ public sealed class RecipeOptions
         },
     };
 
-    public static string OrderName(RankOrder order) => order == RankOrder.TpCpEpDpPp ? "tp-cp-ep-dp-pp" : "tp-cp-ep-pp-dp";
-
-    public static RankOrder ParseOrder(string text) => text switch
+    /// <summary>The --order option (shared with <c>moe layout</c>).</summary>
+    public static Option<string> OrderOption(RankOrder defaultOrder)
     {
-        "tp-cp-ep-dp-pp" => RankOrder.TpCpEpDpPp,
-        "tp-cp-ep-pp-dp" => RankOrder.TpCpEpPpDp,
-        _ => throw new UserError($"--order {text} is not a Megatron order; use tp-cp-ep-dp-pp or tp-cp-ep-pp-dp."),
-    };
+        var option = new Option<string>("--order")
+        {
+            Description = Doc("Parallelism.Order", "Rank order: tp-cp-ep-dp-pp (Megatron's default) or tp-cp-ep-pp-dp (--use-tp-pp-dp-mapping)."),
+            DefaultValueFactory = _ => RankLayout.OrderName(defaultOrder),
+        };
+        option.AcceptOnlyFromAmong(RankLayout.OrderName(RankOrder.TpCpEpDpPp), RankLayout.OrderName(RankOrder.TpCpEpPpDp));
+        return option;
+    }
+
+    public static RankOrder ParseOrder(string text) =>
+        RankLayout.ParseOrder(text) ?? throw new UserError($"--order {text} is not a Megatron order; use tp-cp-ep-dp-pp or tp-cp-ep-pp-dp.");
 
     private static Option<int> Int(string name, string description, int defaultValue) => new(name)
     {
@@ -134,6 +135,9 @@ public sealed class RecipeOptions
         Description = description,
         DefaultValueFactory = _ => defaultValue,
     };
+
+    /// <summary>The setting's XML summary (the recipe docs are the help text), else <paramref name="fallback"/>.</summary>
+    private static string Doc(string settingPath, string fallback) => SettingDocs.Summary(settingPath) ?? fallback;
 
     internal static string Invariant(double value) => value.ToString("R", CultureInfo.InvariantCulture);
 }

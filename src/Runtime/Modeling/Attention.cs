@@ -13,7 +13,9 @@ namespace Moe.Runtime.Modeling;
 /// </summary>
 public sealed class Attention : nn.Module
 {
-    private readonly Parameter q_proj, k_proj, v_proj, o_proj;
+    // q, k and v are one [(Nq + 2·Nkv)·d, H] weight so the projection is one GEMM; the state-dict adapter
+    // maps the hub's q_proj/k_proj/v_proj onto its row blocks.
+    private readonly Parameter qkv_proj, o_proj;
     private readonly int heads, kvHeads, headDim;
 
     public Attention(MixtralConfig c, ScalarType dtype, Device device) : base("self_attn")
@@ -21,17 +23,20 @@ public sealed class Attention : nn.Module
         heads = c.Heads;
         kvHeads = c.KeyValueHeads;
         headDim = c.HeadDim;
-        q_proj = new Parameter(torch.empty((long)heads * headDim, c.HiddenSize, dtype: dtype, device: device));
-        k_proj = new Parameter(torch.empty((long)kvHeads * headDim, c.HiddenSize, dtype: dtype, device: device));
-        v_proj = new Parameter(torch.empty((long)kvHeads * headDim, c.HiddenSize, dtype: dtype, device: device));
+        qkv_proj = new Parameter(torch.empty((long)(heads + 2 * kvHeads) * headDim, c.HiddenSize, dtype: dtype, device: device));
         o_proj = new Parameter(torch.empty(c.HiddenSize, (long)heads * headDim, dtype: dtype, device: device));
         RegisterComponents();
     }
 
-    public Parameter Q => q_proj;
-    public Parameter K => k_proj;
-    public Parameter V => v_proj;
+    /// <summary>[(Nq + 2·Nkv)·d, H]: q_proj rows, then k_proj rows, then v_proj rows.</summary>
+    public Parameter Qkv => qkv_proj;
+
     public Parameter O => o_proj;
+
+    /// <summary>Rows of <see cref="Qkv"/> holding q, k and v: (start, count).</summary>
+    public (long Start, long Count) QRows => (0, (long)heads * headDim);
+    public (long Start, long Count) KRows => ((long)heads * headDim, (long)kvHeads * headDim);
+    public (long Start, long Count) VRows => ((long)(heads + kvHeads) * headDim, (long)kvHeads * headDim);
 
     /// <param name="hiddenBSH">Normalised hidden states.</param>
     /// <param name="rope">cos/sin tables [B or 1, 1, S, d].</param>
@@ -39,9 +44,10 @@ public sealed class Attention : nn.Module
     public Tensor Forward(Tensor hiddenBSH, (Tensor Cos, Tensor Sin) rope, Tensor? maskB1SS)
     {
         long b = hiddenBSH.shape[0], s = hiddenBSH.shape[1];
-        var qBNSd = nn.functional.linear(hiddenBSH, q_proj).view(b, s, heads, headDim).transpose(1, 2);
-        var kBNSd = nn.functional.linear(hiddenBSH, k_proj).view(b, s, kvHeads, headDim).transpose(1, 2);
-        var vBNSd = nn.functional.linear(hiddenBSH, v_proj).view(b, s, kvHeads, headDim).transpose(1, 2);
+        var qkv = nn.functional.linear(hiddenBSH, qkv_proj).split(new[] { QRows.Count, KRows.Count, VRows.Count }, -1);
+        var qBNSd = qkv[0].view(b, s, heads, headDim).transpose(1, 2);
+        var kBNSd = qkv[1].view(b, s, kvHeads, headDim).transpose(1, 2);
+        var vBNSd = qkv[2].view(b, s, kvHeads, headDim).transpose(1, 2);
         qBNSd = Rotary.Apply(qBNSd, rope);
         kBNSd = Rotary.Apply(kBNSd, rope);
         var outBNSd = maskB1SS is null

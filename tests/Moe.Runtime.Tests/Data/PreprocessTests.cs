@@ -100,3 +100,15 @@ public class PreprocessTests : IDisposable
         Assert.Equal(Enumerable.Repeat(0f, promptLength - 1).Concat(Enumerable.Repeat(1f, answerLength + 1)), sample.LossMask);
     }
 }
+
+public class ProgressBarTests
+{
+    [Theory]
+    [InlineData(0.0, "[--------------------]   0%")]
+    [InlineData(0.5, "[##########----------]  50%")]
+    [InlineData(1.0, "[####################] 100%")]
+    public void Bar_ShowsTheShareOfTheInputRead(double fraction, string expected)
+    {
+        Assert.Equal(expected, PreprocessCommand.Bar(fraction));
+    }
+}

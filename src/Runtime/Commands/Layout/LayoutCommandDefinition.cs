@@ -17,12 +17,7 @@ public sealed class LayoutCommandDefinition
         Context = Size("--cp", "Context-parallel size.");
         Expert = Size("--ep", "Expert-parallel size.");
         ExpertTensor = new Option<int?>("--etp") { Description = "Expert tensor-parallel size (default: --tp)." };
-        Order = new Option<string>("--order")
-        {
-            Description = "Rank order: tp-cp-ep-dp-pp (Megatron's default) or tp-cp-ep-pp-dp (--use-tp-pp-dp-mapping).",
-            DefaultValueFactory = _ => "tp-cp-ep-dp-pp",
-        };
-        Order.AcceptOnlyFromAmong("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp");
+        Order = RecipeOptions.OrderOption(Dsl.Layout.RankOrder.TpCpEpDpPp);
         Json = new Option<bool>("--json") { Description = "Print the layout as JSON in the schema of Megatron's rank vectors." };
         foreach (var o in new Option[] { Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, Order, Json }) Command.Options.Add(o);
     }

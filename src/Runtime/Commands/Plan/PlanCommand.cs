@@ -33,7 +33,7 @@ public static class PlanCommand
         Line("context", I(p.Context));
         Line("expert / expert tensor", $"{p.Expert} / {p.EffectiveExpertTensor}" + (p.ExpertTensor is null ? " (= tensor)" : ""));
         Line("sequence parallel", p.SequenceParallel ? "on" : "off");
-        Line("rank order", RecipeOptions.OrderName(p.Order));
+        Line("rank order", RankLayout.OrderName(p.Order));
         Line("data parallel", $"{p.DataParallel} = {p.Gpus} / ({p.Tensor}·{p.Pipeline}·{p.Context})");
         Line("expert data parallel", $"{p.ExpertDataParallel} = {p.Gpus} / ({p.EffectiveExpertTensor}·{p.Expert}·{p.Pipeline})");
         Line("gradient accumulation", $"{s.GradientAccumulationSteps} = {s.Training.GlobalBatchSize} / ({s.Training.MicroBatchSize}·{p.DataParallel})");

@@ -31,7 +31,8 @@ public static class PreprocessCommand
         var builders = keys.Select(k => new IndexedDatasetBuilder($"{r.OutputPrefix}_{k}_document", dtype)).ToList();
         var maskBuilder = r.Sft ? new IndexedDatasetBuilder($"{r.OutputPrefix}_lossmask_document", IndexedDtype.UInt8) : null;
         var watch = Stopwatch.StartNew();
-        long documents = 0, tokens = 0, skipped = 0, lineNumber = 0;
+        long documents = 0, tokens = 0, skipped = 0, lineNumber = 0, bytesDone = 0;
+        long bytesTotal = Math.Max(1, new FileInfo(r.Input).Length);
         bool terminal = !Console.IsErrorRedirected;
         try
         {
@@ -40,6 +41,7 @@ public static class PreprocessCommand
                 var encoded = new Encoded[batch.Count];
                 Parallel.For(0, batch.Count, new ParallelOptions { MaxDegreeOfParallelism = r.Workers },
                     i => encoded[i] = Encode(batch[i].Number, batch[i].Text, keys, r, tokenizer));
+                bytesDone += batch.Sum(l => (long)System.Text.Encoding.UTF8.GetByteCount(l.Text) + 1);
                 foreach (var e in encoded)
                 {
                     lineNumber = e.Line;
@@ -64,7 +66,7 @@ public static class PreprocessCommand
                     }
                     documents++;
                 }
-                if (terminal) log.Write("\r" + Progress(documents, tokens, watch.Elapsed.TotalSeconds) + "   ");
+                if (terminal) log.Write("\r" + Bar(Math.Min(1.0, bytesDone / (double)bytesTotal)) + " " + Progress(documents, tokens, watch.Elapsed.TotalSeconds) + "   ");
             }
             foreach (var b in builders) b.Finish();
             maskBuilder?.Finish();
@@ -79,6 +81,13 @@ public static class PreprocessCommand
         foreach (var k in keys) log.WriteLine($"wrote {r.OutputPrefix}_{k}_document.bin/.idx");
         if (maskBuilder is not null) log.WriteLine($"wrote {r.OutputPrefix}_lossmask_document.bin/.idx");
         return new Result(0, documents, tokens, skipped);
+    }
+
+    /// <summary>"[##########----------]  50%" for the share of the input read so far.</summary>
+    public static string Bar(double fraction)
+    {
+        int filled = (int)Math.Round(fraction * 20);
+        return "[" + new string('#', filled) + new string('-', 20 - filled) + "] " + ((int)Math.Round(fraction * 100)).ToString(CultureInfo.InvariantCulture).PadLeft(3) + "%";
     }
 
     private static string Progress(long documents, long tokens, double seconds) => string.Create(CultureInfo.InvariantCulture,
