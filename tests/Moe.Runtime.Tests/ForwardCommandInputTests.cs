@@ -55,16 +55,17 @@ public class ForwardCommandInputTests : IDisposable
         Assert.True(exit == 0, err);
         using var ours = SafetensorsFile.Open(output);
         using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
-        // bf16 keeps 8 significant bits (relative step 2^-8 ≈ 0.4%); through two layers the logits (|x| ≲ 1)
-        // move by a few hundredths and the losses by well under a percent.
+        // bf16 keeps 8 significant bits (relative step 2^-8 ≈ 0.4%). The logits (|x| ≲ 1) of two layers move by
+        // a few thousandths (0.0041 measured) and the losses, averages over 62 positions, far less (1e-5
+        // measured); the bounds leave a 5× and 100× margin for other CPUs' kernels.
         using var logits = ours.Read("logits");
         Assert.Equal(ScalarType.Float32, logits.dtype);
         double maxDiff = (logits - expected.Read("logits")).abs().max().item<float>();
-        Assert.InRange(maxDiff, 1e-6, 0.1);
+        Assert.InRange(maxDiff, 1e-6, 0.02);
         foreach (var key in new[] { "lm_loss", "aux_loss", "loss" })
         {
             double e = expected.Read(key).item<float>(), o = ours.Read(key).item<float>();
-            Assert.True(Math.Abs(o - e) <= 0.01 * Math.Abs(e), $"{key}: {o} vs {e}");
+            Assert.True(Math.Abs(o - e) <= 1e-3 * Math.Abs(e), $"{key}: {o} vs {e}");
         }
     }
 

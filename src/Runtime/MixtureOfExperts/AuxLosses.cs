@@ -145,9 +145,9 @@ public sealed class GlobalAuxLossTracker : IDisposable
     /// <summary>Adds this micro-batch's counts and returns the average over the micro-batches so far (fp32 [E]).</summary>
     public Tensor Accumulate(Tensor routedPerExpertE)
     {
-        using (torch.no_grad()) sumE.add_(routedPerExpertE.to(ScalarType.Float32));
+        using (torch.no_grad()) sumE.add_(routedPerExpertE.to(ScalarType.Float32).to(sumE.device));
         Steps++;
-        return sumE / Steps;
+        return (sumE / Steps).to(routedPerExpertE.device);   // the model may have moved since the tracker was made
     }
 
     /// <summary>Starts a new global batch.</summary>
