@@ -17,22 +17,10 @@ public class ForwardCommandTests : IDisposable
 
     private static string Fixture => TestPaths.Fixture("mixtral-tiny");
 
-    private (int Exit, string Err) Run(params string[] args)
+    private static (int Exit, string Err) Run(params string[] args)
     {
-        var oldErr = Console.Error;
-        var oldOut = Console.Out;
-        var err = new StringWriter();
-        Console.SetError(err);
-        Console.SetOut(new StringWriter());
-        try
-        {
-            return (MoeCommands.Run(MoeCommands.CreateRoot(), args), err.ToString());
-        }
-        finally
-        {
-            Console.SetError(oldErr);
-            Console.SetOut(oldOut);
-        }
+        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
+        return (exit, err);
     }
 
     private string WriteInput()
@@ -145,6 +133,3 @@ public class ForwardCommandTests : IDisposable
         Assert.True((ours.Read("logits") - expected.Read("logits")).abs().max().item<float>() <= 1e-4);
     }
 }
-
-[CollectionDefinition("Console", DisableParallelization = true)]
-public sealed class ConsoleCollection;

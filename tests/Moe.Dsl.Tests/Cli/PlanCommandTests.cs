@@ -9,7 +9,7 @@ namespace Moe.Dsl.Tests.Cli;
 public class PlanCommandTests
 {
     private static (int Exit, string Out, string Err) Run(RecipeSettings? recipe, params string[] args) =>
-        Console.Capture(() => MoeCommands.Run(recipe is null ? MoeCommands.CreateRoot() : MoeCommands.CreateRoot(recipe), args));
+        Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(recipe is null ? MoeCommands.CreateRoot() : MoeCommands.CreateRoot(recipe), args));
 
     private static RecipeSettings X22 => new Moe.Recipes.Mixtral8x22b().ToSettings();
 

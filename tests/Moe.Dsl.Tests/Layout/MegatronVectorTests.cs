@@ -55,7 +55,7 @@ public class MegatronVectorTests
     {
         if (!File.Exists(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks", file))) return;
         var v = Load(file);
-        var (exit, output, _) = Console.Capture(() => MoeCommands.Run(MoeCommands.CreateRoot(),
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(),
             ["layout", "--gpus", $"{v["world"]}", "--tp", $"{v["tp"]}", "--pp", $"{v["pp"]}", "--cp", $"{v["cp"]}",
              "--ep", $"{v["ep"]}", "--etp", $"{v["etp"]}", "--order", (string)v["order"]!, "--json"]));
         Assert.Equal(0, exit);
@@ -67,7 +67,7 @@ public class MegatronVectorTests
     [Fact]
     public void LayoutVerb_IndivisibleLayout_ExitsTwoWithTheArithmetic()
     {
-        var (exit, _, err) = Console.Capture(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "24", "--tp", "2", "--ep", "8"]));
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "24", "--tp", "2", "--ep", "8"]));
         Assert.Equal(2, exit);
         Assert.Contains("MOE0004", err);
         Assert.Contains("Gpus (24) must be a multiple of ExpertTensor × Expert × Pipeline = 2 × 8 × 1 = 16", err);
@@ -77,7 +77,7 @@ public class MegatronVectorTests
     [Fact]
     public void LayoutVerb_NegativeSize_ExitsTwo()
     {
-        var (exit, _, err) = Console.Capture(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "8", "--pp", "-1"]));
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "8", "--pp", "-1"]));
         Assert.Equal(2, exit);
         Assert.Contains("Pipeline (-1) must be at least 1", err);
     }
@@ -85,7 +85,7 @@ public class MegatronVectorTests
     [Fact]
     public void LayoutVerb_Table_ListsGroupsAndCoordinates()
     {
-        var (exit, output, _) = Console.Capture(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "16", "--tp", "2", "--pp", "2", "--cp", "2", "--ep", "4", "--etp", "1"]));
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "16", "--tp", "2", "--pp", "2", "--cp", "2", "--ep", "4", "--etp", "1"]));
         Assert.Equal(0, exit);
         Assert.Contains("dp 2, edp 2, order tp-cp-ep-dp-pp", output);
         Assert.Contains("dp_cp               4 × 4: [0,2,4,6] [1,3,5,7] [8,10,12,14] [9,11,13,15]", output);

@@ -16,19 +16,10 @@ public class PreprocessTests : IDisposable
 
     private static string F(string name) => TestPaths.Fixture("tokenizer-bpe-1k", name);
 
-    private (int Exit, string Err) Run(params string[] args)
+    private static (int Exit, string Err) Run(params string[] args)
     {
-        var oldErr = Console.Error;
-        var err = new StringWriter();
-        Console.SetError(err);
-        try
-        {
-            return (MoeCommands.Run(MoeCommands.CreateRoot(), args), err.ToString());
-        }
-        finally
-        {
-            Console.SetError(oldErr);
-        }
+        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
+        return (exit, err);
     }
 
     [Theory]

@@ -114,19 +114,9 @@ public class TrainerTests : IDisposable
     public void TrainVerb_TinyMixtral_TrainsFromTheShippedData()
     {
         string metrics = Path.Combine(_dir, "verb.jsonl");
-        var oldOut = Console.Out;
-        var output = new StringWriter();
-        Console.SetOut(output);
-        int exit;
-        try
-        {
-            exit = MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics]);
-        }
-        finally
-        {
-            Console.SetOut(oldOut);
-        }
-        Assert.True(exit == 0, output.ToString());
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() =>
+            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics]));
+        Assert.True(exit == 0, output);
         var losses = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("lm_loss").GetDouble()).ToArray();
         Assert.Equal(30, losses.Length);
         Assert.True(losses.TakeLast(5).Average() < losses.Take(5).Average() - 1.0, string.Join(", ", losses));
@@ -135,20 +125,11 @@ public class TrainerTests : IDisposable
     [Fact]
     public void TrainVerb_MissingData_IsAStartUpFinding()
     {
-        var err = new StringWriter();
-        var oldErr = Console.Error;
-        Console.SetError(err);
-        try
-        {
-            int exit = MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--data-path", Path.Combine(_dir, "nothing_text_document")]);
-            Assert.Equal(2, exit);
-        }
-        finally
-        {
-            Console.SetError(oldErr);
-        }
-        Assert.Contains("MOE0903", err.ToString());
-        Assert.Contains("nothing_text_document.bin does not exist", err.ToString());
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() =>
+            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--data-path", Path.Combine(_dir, "nothing_text_document")]));
+        Assert.Equal(2, exit);
+        Assert.Contains("MOE0903", err);
+        Assert.Contains("nothing_text_document.bin does not exist", err);
     }
 }
 

@@ -1,11 +1,11 @@
 using Xunit;
 
-namespace Moe.Dsl.Tests;
+namespace Moe.Tests;
 
 /// <summary>Runs code with the console captured; tests that use it share the "Console" collection so they never overlap.</summary>
-internal static class Console
+internal static class ConsoleCapture
 {
-    public static (int Exit, string Out, string Err) Capture(Func<int> run)
+    public static (int Exit, string Out, string Err) Run(Func<int> run)
     {
         var (oldOut, oldErr) = (System.Console.Out, System.Console.Error);
         var (o, e) = (new StringWriter(), new StringWriter());
