@@ -19,19 +19,8 @@ public class ForwardCommandInputTests : IDisposable
 
     private static (int Exit, string Err) Run(params string[] args)
     {
-        var (oldErr, oldOut) = (Console.Error, Console.Out);
-        var err = new StringWriter();
-        Console.SetError(err);
-        Console.SetOut(new StringWriter());
-        try
-        {
-            return (MoeCommands.Run(MoeCommands.CreateRoot(), args), err.ToString());
-        }
-        finally
-        {
-            Console.SetError(oldErr);
-            Console.SetOut(oldOut);
-        }
+        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
+        return (exit, err);
     }
 
     private string Input(string name, Tensor t)
