@@ -62,6 +62,8 @@ public class ForwardCommandTests : IDisposable
         Assert.Equal(2, exit);
         Assert.Contains("torch.cuda.is_available() is false", err);
         Assert.Contains("LD_LIBRARY_PATH", err);
+        if (Environment.GetEnvironmentVariable("MOE_TORCH_LIB") is null or "")
+            Assert.Contains("MOE_TORCH_LIB is unset, so python's torch/lib was tried", err);
     }
 
     [Fact]

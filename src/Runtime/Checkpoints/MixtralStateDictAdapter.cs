@@ -1,5 +1,6 @@
 using System.Text.Json;
 using Moe.Runtime.Commands;
+using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -52,6 +53,27 @@ public static class MixtralStateDictAdapter
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;
+    }
+
+    /// <summary>
+    /// Builds the model a Hugging Face directory describes (config.json) and loads its weights
+    /// (<see cref="Load"/>). <paramref name="options"/> default to transformers' Mixtral semantics with the
+    /// config's top-k.
+    /// </summary>
+    public static MixtralModel LoadModel(string directory, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var config = ReadConfig(directory);
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        try
+        {
+            Load(model, directory);
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Reads config.json of a Hugging Face model directory.</summary>
@@ -122,7 +144,7 @@ public static class MixtralStateDictAdapter
         var entry = file.Entry(key);
         if (!entry.Shape.SequenceEqual(target.shape))
             throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}] from config.json.");
-        using var source = file.Read(key);
+        using var source = file.Map(key);   // zero-copy view of the mapped bytes; copy_ converts dtype and device
         if (!source.is_floating_point())
             throw new UserError($"{file.Path}: tensor '{key}' is {entry.Dtype}; weights must be floating point.");
         target.copy_(source);
@@ -175,11 +197,53 @@ public static class MixtralStateDictAdapter
             return new KeyValuePair<string, Tensor>(h.Key, h.Slice(source.detach()));
         });
 
-    /// <summary>Saves the model as a Hugging Face checkpoint directory (config.json + model.safetensors).</summary>
-    public static void Save(MixtralModel model, string directory)
+    /// <summary>
+    /// Saves the model as a Hugging Face checkpoint directory with hub key names: config.json plus
+    /// model.safetensors, or — when the weights exceed <paramref name="maxShardBytes"/> — shards
+    /// model-0000i-of-0000N.safetensors and model.safetensors.index.json (<c>metadata.total_size</c>,
+    /// <c>weight_map</c>), as transformers' save_pretrained writes them. Tensors keep the model's dtype and are
+    /// copied to the CPU one at a time; every file is written to a temporary name and renamed when complete.
+    /// </summary>
+    /// <param name="model">The model to save.</param>
+    /// <param name="directory">Created if absent; existing files of the same names are replaced.</param>
+    /// <param name="maxShardBytes">Largest shard (transformers' default max_shard_size is 5 GB; a tensor larger than it gets a shard of its own).</param>
+    public static void Save(MixtralModel model, string directory, long maxShardBytes = 5_000_000_000)
     {
         Directory.CreateDirectory(directory);
-        SafetensorsFile.Write(System.IO.Path.Combine(directory, "model.safetensors"), Named(model));
+        var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
+        long shardBytes = 0, totalBytes = 0;
+        foreach (var kv in Named(model))
+        {
+            long bytes = kv.Value.NumberOfElements * kv.Value.ElementSize;
+            if (shards[^1].Count > 0 && shardBytes + bytes > maxShardBytes)
+            {
+                shards.Add(new());
+                shardBytes = 0;
+            }
+            shards[^1].Add(kv);
+            shardBytes += bytes;
+            totalBytes += bytes;
+        }
+        if (shards.Count == 1)
+        {
+            SafetensorsFile.Write(System.IO.Path.Combine(directory, "model.safetensors"), shards[0]);
+        }
+        else
+        {
+            var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
+            for (int i = 0; i < shards.Count; i++)
+            {
+                string shard = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
+                SafetensorsFile.Write(System.IO.Path.Combine(directory, shard), shards[i]);
+                foreach (var (key, _) in shards[i]) weightMap[key] = shard;
+            }
+            var index = new Dictionary<string, object>
+            {
+                ["metadata"] = new Dictionary<string, long> { ["total_size"] = totalBytes },
+                ["weight_map"] = weightMap,
+            };
+            WriteJson(System.IO.Path.Combine(directory, "model.safetensors.index.json"), index);
+        }
         var c = model.Config;
         var config = new Dictionary<string, object?>
         {
@@ -199,12 +263,23 @@ public static class MixtralStateDictAdapter
             ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
             ["max_position_embeddings"] = c.MaxPositionEmbeddings,
             ["tie_word_embeddings"] = c.TieWordEmbeddings,
+            ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
             ["sliding_window"] = c.SlidingWindow,
-            ["hidden_act"] = "silu",
+            ["hidden_act"] = c.HiddenAct,
+            ["attention_dropout"] = c.AttentionDropout,
+            ["router_jitter_noise"] = c.RouterJitterNoise,
+            ["output_router_logits"] = c.OutputRouterLogits,
+            ["initializer_range"] = c.InitializerRange,
+            ["bos_token_id"] = c.BosTokenId,
+            ["eos_token_id"] = c.EosTokenId,
             ["torch_dtype"] = model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32",
         };
-        string path = System.IO.Path.Combine(directory, "config.json");
-        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(config, new JsonSerializerOptions { WriteIndented = true }));
+        WriteJson(System.IO.Path.Combine(directory, "config.json"), config);
+    }
+
+    private static void WriteJson(string path, object value)
+    {
+        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(value, new JsonSerializerOptions { WriteIndented = true }));
         File.Move(path + ".tmp", path, overwrite: true);
     }
 }

@@ -1,4 +1,5 @@
 using System.IO.MemoryMappedFiles;
+using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using Moe.Runtime.Commands;
@@ -16,7 +17,8 @@ public sealed record SafetensorsEntry(string Name, string Dtype, long[] Shape, l
 
 /// <summary>
 /// A safetensors file read lazily: the header is parsed on open and the file is memory-mapped;
-/// a tensor's bytes are copied out only when <see cref="Read"/> asks for it (no whole-file copy).
+/// <see cref="Map"/> wraps a tensor's bytes in place (zero-copy, the page cache is the only copy) and
+/// <see cref="Read"/> copies one tensor out; nothing ever reads the whole file.
 /// Every inconsistency (truncated file, offsets past the end, a shape that does not match its byte
 /// count, an unknown dtype) is a <see cref="UserError"/> that names the file and the tensor.
 /// Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
@@ -143,8 +145,57 @@ public sealed class SafetensorsFile : IDisposable
         return t;
     }
 
-    public void Dispose()
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    private delegate void Deleter(IntPtr context);
+
+    // The mapping owns the memory; libtorch must still be handed a deleter (a C++ reference that may not be
+    // null). Static, so the delegate outlives every tensor.
+    private static readonly Deleter KeepMapping = _ => { };
+
+    // TorchSharp's internal C ABI (LibTorchSharp THSTensorFactories.cpp): from_blob over existing memory.
+    // Not public API: re-check on every TorchSharp upgrade (SafetensorsMapTests exercises it).
+    [DllImport("LibTorchSharp")]
+    private static extern unsafe IntPtr THSTensor_new(IntPtr data, Deleter deleter, long* sizes, int ndims, sbyte type, sbyte dtype,
+        int deviceType, int deviceIndex, [MarshalAs(UnmanagedType.U1)] bool requiresGrad);
+
+    /// <summary>
+    /// A CPU tensor that aliases the tensor's bytes in the memory-mapped file: no copy, pages are read from
+    /// the page cache on first touch. The mapping is read-only, so the tensor is a copy <b>source</b> only
+    /// (<c>param.copy_(file.Map(key))</c>, <c>.to(cuda)</c>, slicing for a rank's shard) — writing to it
+    /// crashes — and it must be disposed before this file is.
+    /// </summary>
+    public unsafe Tensor Map(string name)
     {
+        var e = Entry(name);
+        var type = ScalarTypeOf(e.Dtype, Path, name);
+        if (e.End == e.Begin) return torch.empty(e.Shape, dtype: type);
+        lock (_pinLock)
+        {
+            if (_pinned is null)
+            {
+                byte* basePtr = null;
+                _view.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
+                _pinned = basePtr + _view.PointerOffset;
+            }
+        }
+        byte* data = _pinned + _dataStart + e.Begin;
+        IntPtr handle;
+        fixed (long* sizes = e.Shape)
+            handle = THSTensor_new((IntPtr)data, KeepMapping, sizes, e.Shape.Length, (sbyte)type, (sbyte)type, (int)DeviceType.CPU, 0, false);
+        if (handle == IntPtr.Zero) throw new InvalidOperationException($"{Path}: libtorch could not wrap tensor '{name}' ({e.Dtype} [{string.Join(", ", e.Shape)}]).");
+        return Tensor.UnsafeCreateTensor(handle);
+    }
+
+    private readonly object _pinLock = new();
+    private unsafe byte* _pinned;
+
+    public unsafe void Dispose()
+    {
+        if (_pinned is not null)
+        {
+            _view.SafeMemoryMappedViewHandle.ReleasePointer();
+            _pinned = null;
+        }
         _view.Dispose();
         _map.Dispose();
     }

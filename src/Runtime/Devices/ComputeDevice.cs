@@ -40,6 +40,12 @@ public static class ComputeDevice
     {
         string? env = Environment.GetEnvironmentVariable("MOE_TORCH_LIB");
         if (!string.IsNullOrEmpty(env)) return (Directory.Exists(env) ? env : null, $"MOE_TORCH_LIB={env}" + (Directory.Exists(env) ? "" : " (no such directory)"));
+        var (dir, how) = FromPython();
+        return (dir, "MOE_TORCH_LIB is unset, so python's torch/lib was tried: " + how);
+    }
+
+    private static (string? Directory, string How) FromPython()
+    {
         string python = Environment.GetEnvironmentVariable("PYTHON") ?? "python3";
         try
         {

@@ -5,7 +5,9 @@ using static TorchSharp.torch;
 
 namespace Moe.Runtime.MixtureOfExperts;
 
-// Shapes: R rows (routed token-expert pairs, sorted by expert), H hidden, I expert FFN width, E experts.
+// Shape legend
+//   R  rows (kept token-expert pairs plus padding, sorted by expert)   H  hidden size
+//   I  expert FFN width (intermediate_size)                            E  experts
 
 /// <summary>
 /// The SwiGLU experts of one layer, stored grouped as transformers 5 fuses them:
@@ -38,9 +40,25 @@ public sealed class Experts : nn.Module
     /// <summary>Forces the per-expert loop (for tests and devices without grouped GEMMs).</summary>
     public bool ForceLoop { get; set; }
 
+    /// <summary>
+    /// Whether <see cref="Forward"/> takes the grouped-GEMM path for rows of this dtype and device:
+    /// not forced to loop; CPU, or CUDA in bf16; and every matrix row a multiple of 16 bytes
+    /// (torch._grouped_mm's stride rule: H·elementSize and I·elementSize divisible by 16; Mixtral's
+    /// 4096/14336 and 6144/16384 always are, toy sizes may not be).
+    /// </summary>
+    public bool UsesGroupedGemm(Tensor rowsRH)
+    {
+        if (ForceLoop || !(rowsRH.device_type == DeviceType.CPU || rowsRH.dtype == ScalarType.BFloat16)) return false;
+        long elementSize = rowsRH.ElementSize;
+        return down.shape[1] * elementSize % 16 == 0 && down.shape[2] * elementSize % 16 == 0;
+    }
+
+    /// <param name="rowsRH">Rows sorted by expert: the first rowsPerExpert[0] belong to expert 0, and so on.</param>
+    /// <param name="rowsPerExpertE">Rows per expert (int64 [E], summing to R; zeros allowed).</param>
+    /// <returns>Expert_e(row) for every row, [R, H], in the rows' order.</returns>
     public Tensor Forward(Tensor rowsRH, Tensor rowsPerExpertE)
     {
-        if (!ForceLoop && GroupedGemmRuns(rowsRH))
+        if (UsesGroupedGemm(rowsRH))
             return Kernels.SwigluGrouped(rowsRH, gate_up, down, rowsPerExpertE.cumsum(0).to(ScalarType.Int32));
         return Loop(rowsRH, rowsPerExpertE);
     }
@@ -59,7 +77,4 @@ public sealed class Experts : nn.Module
         }
         return torch.cat(outputs);
     }
-
-    private static bool GroupedGemmRuns(Tensor rows) =>
-        rows.device_type == DeviceType.CPU || rows.dtype == ScalarType.BFloat16;
 }

@@ -22,31 +22,35 @@ public enum AuxLossConvention
 /// </summary>
 public sealed record MoeOptions
 {
-    /// <summary>Experts per token.</summary>
+    /// <summary>Experts per token, K (Megatron --moe-router-topk; config.json num_experts_per_tok).</summary>
     public int TopK { get; init; } = 2;
 
-    /// <summary>Score function (Megatron --moe-router-score-function).</summary>
+    /// <summary>Score function (Megatron --moe-router-score-function): softmax (Mixtral) or sigmoid (DeepSeek-V3).</summary>
     public ScoreFunction ScoreFunction { get; init; } = ScoreFunction.Softmax;
 
     /// <summary>Softmax over all experts then top-k, without renormalising (--moe-router-pre-softmax).</summary>
     public bool PreSoftmax { get; init; }
 
-    /// <summary>Load-balancing loss type.</summary>
+    /// <summary>
+    /// Load-balancing loss type (Megatron --moe-router-load-balancing-type): aux_loss (per micro-batch),
+    /// seq_aux_loss (per sequence), global_aux_loss (counts over the global batch) or none. With
+    /// <see cref="AuxLossConvention.Transformers"/> any value but None selects transformers' formula.
+    /// </summary>
     public LoadBalancing LoadBalancing { get; init; } = LoadBalancing.AuxLoss;
 
     /// <summary>Formula family of the load-balancing loss.</summary>
     public AuxLossConvention AuxLossConvention { get; init; } = AuxLossConvention.Transformers;
 
-    /// <summary>Capacity factor; null = dropless.</summary>
+    /// <summary>Capacity factor (Megatron --moe-expert-capacity-factor): C = ceil(T·K/E · factor) rows per expert; null = dropless.</summary>
     public double? CapacityFactor { get; init; }
 
-    /// <summary>Which tokens an over-full expert keeps.</summary>
+    /// <summary>Which pairs an over-full expert keeps (Megatron --moe-token-drop-policy): highest weights (probs) or earliest (position).</summary>
     public DropPolicy DropPolicy { get; init; } = DropPolicy.Probs;
 
-    /// <summary>Pad every expert's input to its capacity (compute only; padded rows carry weight 0).</summary>
+    /// <summary>Pad every expert's input to its capacity (Megatron --moe-pad-expert-input-to-capacity; compute only, padded rows carry weight 0).</summary>
     public bool PadToCapacity { get; init; }
 
-    /// <summary>Whether a z-loss is computed (its coefficient is applied by the caller).</summary>
+    /// <summary>Whether a z-loss is computed (Megatron: --moe-z-loss-coeff set); the caller multiplies by the coefficient.</summary>
     public bool ZLoss { get; init; }
 
     /// <summary>The options a recipe asks for (Megatron conventions).</summary>

@@ -4,15 +4,34 @@ using static TorchSharp.torch;
 
 namespace Moe.Runtime.MixtureOfExperts;
 
-// Shapes: T tokens, H hidden, E experts, K top-k, R = rows sent to experts (T·K when dropless).
+// Shape legend
+//   T  tokens on this rank (B·S, batch-major)        H  hidden size
+//   E  experts                                        K  router top-k
+//   R  rows sent to the experts: one per kept (token, expert) pair, plus padding rows; R = T·K when dropless
+//   C  capacity per expert, ceil(T·K/E · capacity factor)
 
 /// <summary>Token rows grouped by expert, and how to put the experts' outputs back.</summary>
 /// <param name="RowsRH">Hidden states of the routed (token, expert) pairs, sorted by expert (stable: token order inside an expert).</param>
 /// <param name="TokenOfRowR">The token each row came from.</param>
 /// <param name="WeightOfRowR">The combine weight of each row (0 for padding rows).</param>
 /// <param name="RowsPerExpertE">Rows per expert (int64, on the device).</param>
-/// <param name="RoutedPerExpertE">(token, expert) pairs the router chose per expert, before capacity.</param>
-public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOfRowR, Tensor RowsPerExpertE, Tensor RoutedPerExpertE);
+/// <param name="RoutedPerExpertE">(token, expert) pairs the router chose per expert, before capacity (int64 [E]).</param>
+/// <param name="KeptPerExpertE">
+/// (token, expert) pairs each expert actually processes after capacity (int64 [E]): the per-expert token
+/// counts to report. Equals <paramref name="RoutedPerExpertE"/> when dropless; unlike
+/// <paramref name="RowsPerExpertE"/> it never counts padding rows.
+/// </param>
+public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOfRowR, Tensor RowsPerExpertE, Tensor RoutedPerExpertE, Tensor KeptPerExpertE)
+{
+    /// <summary>Pairs dropped by capacity per expert: routed − kept (int64 [E]; zeros when dropless).</summary>
+    public Tensor DroppedPerExpertE => RoutedPerExpertE - KeptPerExpertE;
+
+    /// <summary>
+    /// Fraction of the T·K routed pairs that capacity dropped, as an fp32 scalar tensor (0 when dropless):
+    /// drop rate = Σ_e (routed_e − kept_e) / Σ_e routed_e. Stays on the device; read it once per step.
+    /// </summary>
+    public Tensor DropRate => DroppedPerExpertE.sum().to(ScalarType.Float32) / RoutedPerExpertE.sum().clamp_min(1).to(ScalarType.Float32);
+}
 
 /// <summary>
 /// Local dispatch on one rank (Megatron's token_dispatcher "local prepare" and "local finish" phases;
@@ -20,11 +39,27 @@ public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOf
 /// expert-contiguous rows, and the weighted un-permutation.
 /// </summary>
 /// <remarks>
-/// Capacity (Megatron moe_utils.get_capacity): C = ceil(T·K / E · factor) rows per expert. Over-full experts
-/// keep, with drop policy <c>probs</c>, their C highest-weight tokens; with <c>position</c>, their C earliest
-/// tokens in the batch (Megatron takes a top-k over a 0/1 column, whose tie order is torch's; earliest is the
-/// deterministic choice). Pad-to-capacity fills each expert to exactly C rows with zero-weight rows of token 0,
-/// which changes the compute, not the result.
+/// <para>
+/// Capacity (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Megatron <c>moe_utils.get_capacity</c>, rule R085):
+/// <c>C = ceil(T·K / E · factor)</c> rows per expert, with T the tokens on this rank. A null factor is
+/// dropless (every routed pair is computed). When an expert receives more than C pairs it keeps C of them:
+/// </para>
+/// <list type="bullet">
+/// <item><c>probs</c>: the C pairs with the highest combine weight (ties: earlier pair first);</item>
+/// <item><c>position</c>: the C earliest pairs in token order (Megatron takes a top-k over the 0/1 routing
+/// column, whose tie order is torch's and not guaranteed; earliest is the deterministic reading of it).</item>
+/// </list>
+/// <para>
+/// A dropped pair simply contributes nothing to its token's output (the residual connection carries the
+/// token on); the other slot of a top-2 token still counts with its original weight — weights are not
+/// renormalised after dropping, as in Megatron. Pad-to-capacity (<c>--moe-pad-expert-input-to-capacity</c>)
+/// fills each expert to exactly C rows with zero-weight rows of token 0: fixed shapes for the experts, same
+/// result.
+/// </para>
+/// <para>
+/// Rows are ordered by expert with a stable sort, so inside an expert they keep token order; the combine
+/// is an index_add of w · y into the token's output row, in the hidden dtype.
+/// </para>
 /// </remarks>
 public static class LocalTokenDispatcher
 {
@@ -36,6 +71,7 @@ public static class LocalTokenDispatcher
         var flatWeights = routing.WeightsTK.flatten();                               // [T·K]
         var flatTokens = torch.arange(tokens, device: hiddenTH.device).repeat_interleave(k); // [T·K]
         var routed = torch.bincount(flatExperts, minlength: experts);
+        var keptPerExpert = routed;
 
         if (options.CapacityFactor is double factor)
         {
@@ -45,6 +81,7 @@ public static class LocalTokenDispatcher
             flatExperts = flatExperts.index_select(0, kept);
             flatWeights = flatWeights.index_select(0, kept);
             flatTokens = flatTokens.index_select(0, kept);
+            keptPerExpert = torch.bincount(flatExperts, minlength: experts);
             if (options.PadToCapacity)
             {
                 var perExpert = torch.bincount(flatExperts, minlength: experts);
@@ -64,7 +101,8 @@ public static class LocalTokenDispatcher
             tokenOfRow,
             flatWeights.index_select(0, order),
             torch.bincount(flatExperts, minlength: experts),
-            routed);
+            routed,
+            keptPerExpert);
     }
 
     /// <summary>

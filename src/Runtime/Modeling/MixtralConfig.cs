@@ -5,8 +5,12 @@ namespace Moe.Runtime.Modeling;
 
 /// <summary>
 /// A Mixtral config as Hugging Face transformers reads config.json, with transformers' defaults for
-/// absent fields (configuration_mixtral.py): head_dim = hidden / heads, rope_theta 1e6 (or
-/// transformers 5's rope_parameters.rope_theta), router_jitter_noise 0, sliding_window none.
+/// absent fields (configuration_mixtral.py): head_dim = hidden / heads, num_key_value_heads = heads,
+/// rope_theta 1e6 (or transformers 5's rope_parameters.rope_theta), rms_norm_eps 1e-5,
+/// router_aux_loss_coef 0.001, max_position_embeddings 4096·32, router_jitter_noise 0, sliding_window none
+/// (a number is honoured as transformers' sliding-window causal mask), hidden_act silu, attention_dropout 0,
+/// bos/eos 1/2, initializer_range 0.02. Values Moe does not implement (another activation, attention
+/// dropout, router jitter, a non-default rope_type) are rejected with a <see cref="UserError"/>.
 /// </summary>
 public sealed record MixtralConfig
 {
@@ -25,6 +29,16 @@ public sealed record MixtralConfig
     public int MaxPositionEmbeddings { get; init; } = 4096 * 32;
     public bool TieWordEmbeddings { get; init; }
     public int? SlidingWindow { get; init; }
+    public string HiddenAct { get; init; } = "silu";
+    public double AttentionDropout { get; init; }
+    public double RouterJitterNoise { get; init; }
+    public bool OutputRouterLogits { get; init; }
+    public int? BosTokenId { get; init; } = 1;
+    public int? EosTokenId { get; init; } = 2;
+    public double InitializerRange { get; init; } = 0.02;
+
+    /// <summary>The dtype the checkpoint was saved in (torch_dtype, or transformers 5's dtype); null when absent.</summary>
+    public string? TorchDtype { get; init; }
 
     /// <summary>The config of a Dsl model preset.</summary>
     public static MixtralConfig From(Dsl.Model m) => new()
@@ -80,6 +94,16 @@ public sealed record MixtralConfig
                 throw new UserError($"{path}: rope_type \"{ropeType}\" is not supported; Moe implements the default rotary embedding.");
             if ((OptionalDouble("router_jitter_noise") ?? 0) != 0)
                 throw new UserError($"{path}: router_jitter_noise is not 0; Moe does not implement router jitter (Mixtral's configs use 0).");
+            string act = root.TryGetProperty("hidden_act", out var a) && a.ValueKind == JsonValueKind.String ? a.GetString()! : "silu";
+            if (act != "silu")
+                throw new UserError($"{path}: hidden_act is \"{act}\"; Mixtral's experts are SwiGLU (hidden_act \"silu\"), the only activation Moe implements.");
+            double attentionDropout = OptionalDouble("attention_dropout") ?? 0;
+            if (attentionDropout != 0)
+                throw new UserError($"{path}: attention_dropout is {attentionDropout}; Moe does not implement attention dropout (Mixtral's configs use 0.0). Set it to 0.0.");
+            int? sliding = OptionalInt("sliding_window");
+            if (sliding is <= 0)
+                throw new UserError($"{path}: sliding_window is {sliding}; it must be a positive number of tokens or null.");
+            string? StringOrNull(string name) => root.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
             return new MixtralConfig
             {
                 VocabSize = Int("vocab_size"),
@@ -96,7 +120,15 @@ public sealed record MixtralConfig
                 RouterAuxLossCoef = OptionalDouble("router_aux_loss_coef") ?? 0.001,
                 MaxPositionEmbeddings = OptionalInt("max_position_embeddings") ?? 4096 * 32,
                 TieWordEmbeddings = root.TryGetProperty("tie_word_embeddings", out var tie) && tie.ValueKind == JsonValueKind.True,
-                SlidingWindow = OptionalInt("sliding_window"),
+                SlidingWindow = sliding,
+                HiddenAct = act,
+                AttentionDropout = attentionDropout,
+                RouterJitterNoise = 0,
+                OutputRouterLogits = root.TryGetProperty("output_router_logits", out var orl) && orl.ValueKind == JsonValueKind.True,
+                BosTokenId = root.TryGetProperty("bos_token_id", out var bos) ? (bos.ValueKind == JsonValueKind.Number ? bos.GetInt32() : null) : 1,
+                EosTokenId = root.TryGetProperty("eos_token_id", out var eos) ? (eos.ValueKind == JsonValueKind.Number ? eos.GetInt32() : null) : 2,
+                InitializerRange = OptionalDouble("initializer_range") ?? 0.02,
+                TorchDtype = StringOrNull("torch_dtype") ?? StringOrNull("dtype"),
             };
         }
     }

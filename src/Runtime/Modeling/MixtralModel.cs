@@ -59,8 +59,6 @@ public sealed class MixtralModel : nn.Module
 
     public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device) : base("model")
     {
-        if (config.SlidingWindow is not null)
-            throw new Commands.UserError($"This checkpoint sets sliding_window = {config.SlidingWindow}; Moe implements full causal attention only (every released Mixtral config sets it to null).");
         if (config.TieWordEmbeddings)
             throw new Commands.UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
@@ -87,6 +85,17 @@ public sealed class MixtralModel : nn.Module
         foreach (var l in layers) l.Moe.Options = options;
     }
 
+    /// <summary>
+    /// A randomly initialised model (<see cref="InitializeWeights"/> with the config's initializer_range);
+    /// <paramref name="options"/> default to transformers' Mixtral semantics with the config's top-k.
+    /// </summary>
+    public static MixtralModel Random(MixtralConfig config, long seed, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        model.InitializeWeights(seed, config.InitializerRange);
+        return model;
+    }
+
     /// <summary>transformers' initialisation: normal(0, 0.02) for matrices, ones for norms, from a seeded generator.</summary>
     public void InitializeWeights(long seed, double std = 0.02)
     {
@@ -104,14 +113,41 @@ public sealed class MixtralModel : nn.Module
     /// labels[t]); <paramref name="lossMaskBS"/> (1 = counted) defaults to all ones. Use
     /// <see cref="ShiftedLabels"/> for transformers' convention (labels = inputs shifted by one).
     /// </summary>
+    /// <param name="inputIdsBS">Token ids, int64 [B, S].</param>
+    /// <param name="labelsBS">Targets aligned with the inputs, or null for no loss.</param>
+    /// <param name="lossMaskBS">1 where a position counts in lm_loss (default: all).</param>
+    /// <param name="positionIdsBS">RoPE positions (default 0…S−1 per row; packed data restarts them per document).</param>
+    /// <param name="documentIdsBS">Document of each position: attention stays inside a document (packed sequences).</param>
+    /// <param name="returnLogits">False to drop the [B, S, V] logits from the result (training).</param>
+    /// <param name="attentionMaskBS">
+    /// transformers' 2-D padding mask (1 = token, 0 = padding): padded keys are never attended to, and the
+    /// transformers aux loss leaves padded tokens out of both its fractions (load_balancing_loss_func's
+    /// masked branch). Megatron's aux losses ignore it (they count every token on the rank).
+    /// </param>
     public ForwardOutput Forward(Tensor inputIdsBS, Tensor? labelsBS = null, Tensor? lossMaskBS = null,
-        Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true)
+        Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true, Tensor? attentionMaskBS = null)
     {
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
         var device = embed_tokens.device;
         positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
         var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
+        if (Config.SlidingWindow is int window && s > window)
+        {
+            // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
+            var slidingSS = SlidingWindowCausalMask(s, window, device);
+            mask = mask is null ? slidingSS.unsqueeze(0).unsqueeze(0) : mask & slidingSS;
+        }
+        if (attentionMaskBS is not null)
+        {
+            // Causal ∧ key is a real token, [B, 1, S, S]. A padding query with no real key before it (left
+            // padding) would have an empty row — NaN or 0 depending on the kernel, and a NaN would reach real
+            // tokens through V and the aux loss — so every position may always see itself; real tokens
+            // already do, so their outputs are unchanged.
+            var keysB11S = attentionMaskBS.gt(0).view(b, 1, 1, s);
+            var selfSS = torch.eye(s, dtype: ScalarType.Bool, device: device);
+            mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
+        }
 
         var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
@@ -133,18 +169,31 @@ public sealed class MixtralModel : nn.Module
         Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
-                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK)
-                : moeOutputs.Select(m => MegatronAux(m, options, (int)b)).Aggregate((x, y) => x + y);
+                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
+                : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
         Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(returnLogits ? logitsBSV : null, lmLoss, aux, z, moeOutputs);
     }
 
-    private static Tensor MegatronAux(MoeLayerOutput m, MoeOptions options, int batch) => options.LoadBalancing switch
+    private Tensor MegatronAux(MoeLayerOutput m, MoeLayer layer, MoeOptions options, int batch) => options.LoadBalancing switch
     {
         Dsl.LoadBalancing.SeqAuxLoss => AuxLosses.Sequence(m.Routing.ScoresTE, m.Routing.ExpertsTK, batch, options.TopK),
-        // One process: the global batch's counts are this micro-batch's (reduced over data parallel once that exists).
+        // Megatron accumulates the global counts only in training with gradients (not in evaluation or
+        // recomputation); elsewhere the loss is reported against this micro-batch's counts.
+        Dsl.LoadBalancing.GlobalAuxLoss => AuxLosses.Global(m.Routing.ScoresTE,
+            training && torch.is_grad_enabled() ? layer.GlobalAuxLoss.Accumulate(m.RoutedPerExpert) : m.RoutedPerExpert.to(ScalarType.Float32),
+            options.TopK),
         _ => AuxLosses.Switch(m.Routing.ScoresTE, m.RoutedPerExpert, options.TopK),
     };
+
+    /// <summary>
+    /// Starts a new global batch for <see cref="Dsl.LoadBalancing.GlobalAuxLoss"/>: clears every layer's
+    /// running routed counts. Call after each optimizer step (Megatron's reset_global_aux_loss_tracker).
+    /// </summary>
+    public void ResetGlobalAuxLoss()
+    {
+        foreach (var l in layers) l.Moe.GlobalAuxLoss.Reset();
+    }
 
     private const long IgnoreIndex = -100;
 
@@ -156,6 +205,14 @@ public sealed class MixtralModel : nn.Module
         var mask = torch.ones(b, s, device: inputIdsBS.device);
         mask[.., ^1] = torch.zeros(b, device: inputIdsBS.device);
         return (labels, mask);
+    }
+
+    /// <summary>Sliding-window causal mask [S, S] (true = attend): i − window &lt; j ≤ i (transformers sliding_window_causal_mask_function).</summary>
+    public static Tensor SlidingWindowCausalMask(long s, int window, Device? device = null)
+    {
+        var i = torch.arange(s, device: device).unsqueeze(1);
+        var j = torch.arange(s, device: device).unsqueeze(0);
+        return j.le(i) & j.gt(i - window);
     }
 
     /// <summary>Document-causal mask [B, 1, S, S]: position i attends to j ≤ i of the same document.</summary>

@@ -113,10 +113,10 @@ public sealed class Trainer : IDisposable
                 for (int l = 0; l < o.Layers.Count; l++)
                 {
                     var d = o.Layers[l].Dispatch;
-                    var rows = d.RowsPerExpertE.cpu().data<long>().ToArray();
+                    var rows = d.KeptPerExpertE.cpu().data<long>().ToArray();   // tokens, not padding rows
                     for (int e = 0; e < rows.Length; e++) perExpert[l][e] += rows[e];
                     routed += d.RoutedPerExpertE.sum().item<long>();
-                    kept += d.WeightOfRowR.gt(0).sum().item<long>();
+                    kept += d.KeptPerExpertE.sum().item<long>();
                 }
             }
             if (!double.IsFinite(loss))
@@ -132,6 +132,7 @@ public sealed class Trainer : IDisposable
                 ? torch.nn.utils.clip_grad_norm_(_master, t.ClipGrad)
                 : GradNorm(_master);
             _optimizer.step();
+            _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
             if (_mixed)
                 using (torch.no_grad())
                     for (int i = 0; i < _params.Length; i++) _params[i].copy_(_master[i]);
