@@ -8,7 +8,9 @@ internal static class TestPaths
 {
     public static string RepoRoot { get; } = FindRepoRoot();
 
-    public static string Shared { get; } = FindShared();
+    private static readonly Lazy<string> SharedPath = new(FindShared);
+
+    public static string Shared => SharedPath.Value;
 
     public static string Fixture(params string[] parts) => Path.Combine([Shared, "fixtures", .. parts]);
 

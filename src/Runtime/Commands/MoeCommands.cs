@@ -1,4 +1,11 @@
 using System.CommandLine;
+using Moe.Dsl;
+using Moe.Runtime.Commands.Bench;
+using Moe.Runtime.Commands.Forward;
+using Moe.Runtime.Commands.Layout;
+using Moe.Runtime.Commands.Plan;
+using Moe.Runtime.Commands.Preprocess;
+using Moe.Runtime.Commands.Train;
 
 namespace Moe.Runtime.Commands;
 
@@ -12,16 +19,39 @@ public static class MoeCommands
     /// <summary>Exit code for input the user must fix.</summary>
     public const int UserErrorExitCode = 2;
 
-    public static RootCommand CreateRoot()
+    /// <summary>The <c>moe</c> tool: verbs that take a model preset or files on the command line.</summary>
+    public static RootCommand CreateRoot() => CreateRoot(null);
+
+    /// <summary>
+    /// A recipe project's entry point: the same verbs bound to <paramref name="recipe"/>, whose settings are
+    /// the defaults of the override options. With no verb it prints the recipe's plan.
+    /// </summary>
+    public static RootCommand CreateRoot(RecipeSettings? recipe)
     {
-        var root = new RootCommand("Moe: plan, check and run Mixture-of-Experts fine-tuning recipes (Megatron-Core semantics).");
-        foreach (var verb in Verbs()) root.Subcommands.Add(verb);
+        var root = new RootCommand(recipe is null
+            ? "Moe: plan, check and run Mixture-of-Experts fine-tuning recipes (Megatron-Core semantics)."
+            : $"{recipe.Name}: a Moe recipe for {recipe.Model.Name}. With no verb, prints the plan.");
+        foreach (var verb in Verbs(recipe)) root.Subcommands.Add(verb);
+        if (recipe is not null)
+        {
+            var plan = new PlanCommandDefinition(recipe);
+            foreach (var option in plan.Command.Options) root.Options.Add(option);
+            root.SetAction(parse => PlanCommandParser.Run(plan, parse));
+        }
         return root;
     }
 
-    private static IEnumerable<Command> Verbs()
+    private static IEnumerable<Command> Verbs(RecipeSettings? recipe)
     {
-        yield break;
+        yield return PlanCommandParser.Create(recipe);
+        if (recipe is not null) yield return TrainCommandParser.Create(recipe);
+        if (recipe is null)
+        {
+            yield return LayoutCommandParser.Create();
+            yield return ForwardCommandParser.Create();
+            yield return BenchCommandParser.Create();
+            yield return PreprocessCommandParser.Create();
+        }
     }
 
     /// <summary>Parses and runs, turning <see cref="UserError"/> into a message and exit code 2.</summary>

@@ -1,1 +1,0 @@
-namespace Moe.Dsl; internal static class Placeholder { }

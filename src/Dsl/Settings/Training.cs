@@ -1,0 +1,47 @@
+namespace Moe.Dsl;
+
+/// <summary>Optimisation: batch sizes, learning-rate schedule, AdamW, clipping, precision and seed.</summary>
+public sealed record Training
+{
+    /// <summary>Samples per optimizer step over all data-parallel ranks. Megatron: <c>--global-batch-size</c>.</summary>
+    public int GlobalBatchSize { get; init; } = 1;
+
+    /// <summary>Samples per forward/backward on one rank. Megatron: <c>--micro-batch-size</c>.</summary>
+    public int MicroBatchSize { get; init; } = 1;
+
+    /// <summary>Optimizer steps. Megatron: <c>--train-iters</c>.</summary>
+    public int Steps { get; init; } = 1000;
+
+    /// <summary>Peak learning rate. Megatron: <c>--lr</c>.</summary>
+    public double LearningRate { get; init; } = 1e-5;
+
+    /// <summary>Learning rate at the end of decay. Megatron: <c>--min-lr</c>.</summary>
+    public double MinLearningRate { get; init; }
+
+    /// <summary>Decay after warm-up. Megatron: <c>--lr-decay-style</c>.</summary>
+    public LrSchedule Schedule { get; init; } = LrSchedule.Cosine;
+
+    /// <summary>Linear warm-up steps from 0 to the peak. Megatron: <c>--lr-warmup-iters</c>.</summary>
+    public int WarmupSteps { get; init; }
+
+    /// <summary>Decoupled AdamW weight decay. Megatron: <c>--weight-decay</c>.</summary>
+    public double WeightDecay { get; init; } = 0.1;
+
+    /// <summary>AdamW β1. Megatron: <c>--adam-beta1</c>.</summary>
+    public double AdamBeta1 { get; init; } = 0.9;
+
+    /// <summary>AdamW β2. Megatron: <c>--adam-beta2</c>.</summary>
+    public double AdamBeta2 { get; init; } = 0.95;
+
+    /// <summary>AdamW ε. Megatron: <c>--adam-eps</c>.</summary>
+    public double AdamEps { get; init; } = 1e-8;
+
+    /// <summary>Global gradient-norm clip; 0 disables clipping. Megatron: <c>--clip-grad</c>.</summary>
+    public double ClipGrad { get; init; } = 1.0;
+
+    /// <summary>Random seed for initialisation, data order and dropout. Megatron: <c>--seed</c>.</summary>
+    public int Seed { get; init; } = 1234;
+
+    /// <summary>Training precision. Megatron: <c>--bf16</c>.</summary>
+    public Precision Precision { get; init; } = Precision.Bf16;
+}

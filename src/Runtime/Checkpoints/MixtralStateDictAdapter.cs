@@ -1,0 +1,285 @@
+using System.Text.Json;
+using Moe.Runtime.Commands;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Checkpoints;
+
+/// <summary>A hub-named tensor and where it lives in the model: a parameter or a slice of one.</summary>
+/// <param name="Key">Hub key, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight.</param>
+/// <param name="Parameter">The model parameter holding it.</param>
+/// <param name="Slice">Selects the tensor from the parameter (or its gradient).</param>
+public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice);
+
+/// <summary>
+/// Maps Hugging Face Mixtral checkpoints (hub key names) to our grouped expert tensors and back
+/// (torchtitan's state_dict_adapter pattern): per-expert w1/w3 become rows of gate_up [E, 2I, H], w2
+/// becomes down [E, H, I]. Also reads transformers 5's fused names (mlp.experts.gate_up_proj / down_proj).
+/// </summary>
+public static class MixtralStateDictAdapter
+{
+    /// <summary>Every hub tensor of the model in checkpoint order.</summary>
+    public static IReadOnlyList<HubTensor> HubTensors(MixtralModel model)
+    {
+        var c = model.Config;
+        long ffn = c.IntermediateSize;
+        var list = new List<HubTensor>
+        {
+            new("lm_head.weight", model.LmHead, t => t),
+            new("model.embed_tokens.weight", model.Embedding, t => t),
+        };
+        for (int l = 0; l < c.Layers; l++)
+        {
+            var layer = model.Layers[l];
+            string p = $"model.layers.{l}.";
+            for (int e = 0; e < c.Experts; e++)
+            {
+                int ex = e;
+                string ep = $"{p}block_sparse_moe.experts.{e}.";
+                list.Add(new(ep + "w1.weight", layer.Moe.ExpertWeights.GateUp, t => t[ex].narrow(0, 0, ffn)));
+                list.Add(new(ep + "w2.weight", layer.Moe.ExpertWeights.Down, t => t[ex]));
+                list.Add(new(ep + "w3.weight", layer.Moe.ExpertWeights.GateUp, t => t[ex].narrow(0, ffn, ffn)));
+            }
+            list.Add(new(p + "block_sparse_moe.gate.weight", layer.Moe.Gate, t => t));
+            list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
+            list.Add(new(p + "post_attention_layernorm.weight", layer.PostAttentionNorm, t => t));
+            var attention = layer.SelfAttention;
+            list.Add(new(p + "self_attn.k_proj.weight", attention.Qkv, t => t.narrow(0, attention.KRows.Start, attention.KRows.Count)));
+            list.Add(new(p + "self_attn.o_proj.weight", attention.O, t => t));
+            list.Add(new(p + "self_attn.q_proj.weight", attention.Qkv, t => t.narrow(0, attention.QRows.Start, attention.QRows.Count)));
+            list.Add(new(p + "self_attn.v_proj.weight", attention.Qkv, t => t.narrow(0, attention.VRows.Start, attention.VRows.Count)));
+        }
+        list.Add(new("model.norm.weight", model.FinalNorm, t => t));
+        return list;
+    }
+
+    /// <summary>
+    /// Builds the model a Hugging Face directory describes (config.json) and loads its weights
+    /// (<see cref="Load"/>). <paramref name="options"/> default to transformers' Mixtral semantics with the
+    /// config's top-k.
+    /// </summary>
+    public static MixtralModel LoadModel(string directory, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var config = ReadConfig(directory);
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        try
+        {
+            Load(model, directory);
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Reads config.json of a Hugging Face model directory.</summary>
+    public static MixtralConfig ReadConfig(string directory) => MixtralConfig.Load(System.IO.Path.Combine(directory, "config.json"));
+
+    /// <summary>
+    /// Copies a Hugging Face checkpoint (model.safetensors, or shards listed in model.safetensors.index.json)
+    /// into the model, one tensor at a time from memory-mapped files. Missing, unexpected or mis-shaped
+    /// tensors are a <see cref="UserError"/> naming the file and the tensor.
+    /// </summary>
+    public static void Load(MixtralModel model, string directory)
+    {
+        var files = OpenCheckpoint(directory);
+        try
+        {
+            var byKey = new Dictionary<string, SafetensorsFile>(StringComparer.Ordinal);
+            foreach (var f in files.Distinct())
+                foreach (var k in f.Entries.Keys) byKey[k] = f;
+            var used = new HashSet<string>(StringComparer.Ordinal);
+            using var _ = torch.no_grad();
+            foreach (var h in HubTensors(model))
+            {
+                var target = h.Slice(h.Parameter);
+                if (byKey.TryGetValue(h.Key, out var file))
+                {
+                    CopyInto(target, file, h.Key);
+                    used.Add(h.Key);
+                }
+                else if (!LoadFused(model, h, byKey, used))
+                {
+                    throw new UserError($"{directory}: the checkpoint has no tensor '{h.Key}' (looked in {string.Join(", ", files.Distinct().Select(f => System.IO.Path.GetFileName(f.Path)))}); " +
+                        "is it a Mixtral checkpoint with the config's layer and expert counts?");
+                }
+            }
+            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            if (unexpected.Length > 0)
+                throw new UserError($"{directory}: the checkpoint has {unexpected.Length} tensor(s) this Mixtral config does not use, e.g. '{unexpected[0]}' in {System.IO.Path.GetFileName(byKey[unexpected[0]].Path)}; check config.json against the weights.");
+        }
+        finally
+        {
+            foreach (var f in files.Distinct()) f.Dispose();
+        }
+    }
+
+    /// <summary>transformers 5 names: mlp.gate.weight, mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I].</summary>
+    private static bool LoadFused(MixtralModel model, HubTensor h, Dictionary<string, SafetensorsFile> byKey, HashSet<string> used)
+    {
+        var parts = h.Key.Split('.');
+        if (parts.Length < 5 || parts[0] != "model" || parts[1] != "layers" || parts[3] != "block_sparse_moe") return false;
+        string layerPrefix = $"model.layers.{parts[2]}.mlp.";
+        var layer = model.Layers[int.Parse(parts[2], System.Globalization.CultureInfo.InvariantCulture)];
+        if (parts[4] == "gate" && byKey.TryGetValue(layerPrefix + "gate.weight", out var g))
+        {
+            CopyInto(layer.Moe.Gate, g, layerPrefix + "gate.weight");
+            used.Add(layerPrefix + "gate.weight");
+            return true;
+        }
+        if (parts[4] != "experts") return false;
+        string fused = parts[6] == "w2" ? layerPrefix + "experts.down_proj" : layerPrefix + "experts.gate_up_proj";
+        if (!byKey.TryGetValue(fused, out var f)) return false;
+        if (used.Add(fused))
+            CopyInto(parts[6] == "w2" ? layer.Moe.ExpertWeights.Down : layer.Moe.ExpertWeights.GateUp, f, fused);
+        return true;
+    }
+
+    private static void CopyInto(Tensor target, SafetensorsFile file, string key)
+    {
+        var entry = file.Entry(key);
+        if (!entry.Shape.SequenceEqual(target.shape))
+            throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}] from config.json.");
+        using var source = file.Map(key);   // zero-copy view of the mapped bytes; copy_ converts dtype and device
+        if (!source.is_floating_point())
+            throw new UserError($"{file.Path}: tensor '{key}' is {entry.Dtype}; weights must be floating point.");
+        target.copy_(source);
+    }
+
+    private static List<SafetensorsFile> OpenCheckpoint(string directory)
+    {
+        if (!Directory.Exists(directory)) throw new UserError($"{directory}: no such checkpoint directory.");
+        string index = System.IO.Path.Combine(directory, "model.safetensors.index.json");
+        string single = System.IO.Path.Combine(directory, "model.safetensors");
+        var files = new List<SafetensorsFile>();
+        if (File.Exists(index))
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(index));
+            if (!doc.RootElement.TryGetProperty("weight_map", out var map))
+                throw new UserError($"{index}: no \"weight_map\"; a sharded checkpoint's index maps every tensor to its shard.");
+            var opened = new Dictionary<string, SafetensorsFile>(StringComparer.Ordinal);
+            try
+            {
+                foreach (var p in map.EnumerateObject())
+                {
+                    string shard = p.Value.GetString()!;
+                    if (!opened.TryGetValue(shard, out var f))
+                    {
+                        string shardPath = System.IO.Path.Combine(directory, shard);
+                        if (!File.Exists(shardPath)) throw new UserError($"{index}: lists shard {shard} for '{p.Name}', but {shardPath} does not exist.");
+                        opened[shard] = f = SafetensorsFile.Open(shardPath);
+                    }
+                    if (!f.Entries.ContainsKey(p.Name))
+                        throw new UserError($"{index}: maps '{p.Name}' to {shard}, which does not hold it.");
+                    files.Add(f);
+                }
+            }
+            catch
+            {
+                foreach (var f in opened.Values) f.Dispose();
+                throw;
+            }
+            return files.Distinct().ToList();
+        }
+        if (File.Exists(single)) return new List<SafetensorsFile> { SafetensorsFile.Open(single) };
+        throw new UserError($"{directory}: neither model.safetensors nor model.safetensors.index.json is there.");
+    }
+
+    /// <summary>Writes config.json and model.safetensors with hub names (the weights, or with <paramref name="gradients"/> their gradients).</summary>
+    public static IEnumerable<KeyValuePair<string, Tensor>> Named(MixtralModel model, bool gradients = false) =>
+        HubTensors(model).Select(h =>
+        {
+            var source = gradients ? h.Parameter.grad ?? torch.zeros_like(h.Parameter) : (Tensor)h.Parameter;
+            return new KeyValuePair<string, Tensor>(h.Key, h.Slice(source.detach()));
+        });
+
+    /// <summary>
+    /// Saves the model as a Hugging Face checkpoint directory with hub key names: config.json plus
+    /// model.safetensors, or — when the weights exceed <paramref name="maxShardBytes"/> — shards
+    /// model-0000i-of-0000N.safetensors and model.safetensors.index.json (<c>metadata.total_size</c>,
+    /// <c>weight_map</c>), as transformers' save_pretrained writes them. Tensors keep the model's dtype and are
+    /// copied to the CPU one at a time; every file is written to a temporary name and renamed when complete.
+    /// </summary>
+    /// <param name="model">The model to save.</param>
+    /// <param name="directory">Created if absent; existing files of the same names are replaced.</param>
+    /// <param name="maxShardBytes">Largest shard (transformers' default max_shard_size is 5 GB; a tensor larger than it gets a shard of its own).</param>
+    public static void Save(MixtralModel model, string directory, long maxShardBytes = 5_000_000_000)
+    {
+        Directory.CreateDirectory(directory);
+        var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
+        long shardBytes = 0, totalBytes = 0;
+        foreach (var kv in Named(model))
+        {
+            long bytes = kv.Value.NumberOfElements * kv.Value.ElementSize;
+            if (shards[^1].Count > 0 && shardBytes + bytes > maxShardBytes)
+            {
+                shards.Add(new());
+                shardBytes = 0;
+            }
+            shards[^1].Add(kv);
+            shardBytes += bytes;
+            totalBytes += bytes;
+        }
+        if (shards.Count == 1)
+        {
+            SafetensorsFile.Write(System.IO.Path.Combine(directory, "model.safetensors"), shards[0]);
+        }
+        else
+        {
+            var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
+            for (int i = 0; i < shards.Count; i++)
+            {
+                string shard = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
+                SafetensorsFile.Write(System.IO.Path.Combine(directory, shard), shards[i]);
+                foreach (var (key, _) in shards[i]) weightMap[key] = shard;
+            }
+            var index = new Dictionary<string, object>
+            {
+                ["metadata"] = new Dictionary<string, long> { ["total_size"] = totalBytes },
+                ["weight_map"] = weightMap,
+            };
+            WriteJson(System.IO.Path.Combine(directory, "model.safetensors.index.json"), index);
+        }
+        var c = model.Config;
+        var config = new Dictionary<string, object?>
+        {
+            ["architectures"] = new[] { "MixtralForCausalLM" },
+            ["model_type"] = "mixtral",
+            ["vocab_size"] = c.VocabSize,
+            ["hidden_size"] = c.HiddenSize,
+            ["intermediate_size"] = c.IntermediateSize,
+            ["num_hidden_layers"] = c.Layers,
+            ["num_attention_heads"] = c.Heads,
+            ["num_key_value_heads"] = c.KeyValueHeads,
+            ["head_dim"] = c.HeadDim,
+            ["num_local_experts"] = c.Experts,
+            ["num_experts_per_tok"] = c.TopK,
+            ["rope_theta"] = c.RopeTheta,
+            ["rms_norm_eps"] = c.RmsNormEps,
+            ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
+            ["max_position_embeddings"] = c.MaxPositionEmbeddings,
+            ["tie_word_embeddings"] = c.TieWordEmbeddings,
+            ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
+            ["sliding_window"] = c.SlidingWindow,
+            ["hidden_act"] = c.HiddenAct,
+            ["attention_dropout"] = c.AttentionDropout,
+            ["router_jitter_noise"] = c.RouterJitterNoise,
+            ["output_router_logits"] = c.OutputRouterLogits,
+            ["initializer_range"] = c.InitializerRange,
+            ["bos_token_id"] = c.BosTokenId,
+            ["eos_token_id"] = c.EosTokenId,
+            ["torch_dtype"] = model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32",
+        };
+        WriteJson(System.IO.Path.Combine(directory, "config.json"), config);
+    }
+
+    private static void WriteJson(string path, object value)
+    {
+        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(value, new JsonSerializerOptions { WriteIndented = true }));
+        File.Move(path + ".tmp", path, overwrite: true);
+    }
+}

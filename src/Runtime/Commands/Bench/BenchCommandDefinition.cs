@@ -1,0 +1,32 @@
+using System.CommandLine;
+
+namespace Moe.Runtime.Commands.Bench;
+
+/// <summary>Options of <c>moe bench</c>.</summary>
+public sealed class BenchCommandDefinition
+{
+    public const string Name = "bench";
+
+    public BenchCommandDefinition()
+    {
+        Command = new Command(Name, "Time forward + backward of a Mixtral-shaped model truncated to --layers layers, one micro-batch of random ids, " +
+            "bf16 on CUDA (median of --iters steps after 3 warm-ups), and print one JSON line with the fields of shared/bench/hf_mixtral_baseline.py.");
+        Model = new Option<string>("--model") { Description = "8x7b, 8x22b, or tiny (a CPU smoke test).", DefaultValueFactory = _ => "8x7b" };
+        Model.AcceptOnlyFromAmong("8x7b", "8x22b", "tiny");
+        Layers = new Option<int>("--layers") { Description = "Decoder layers.", DefaultValueFactory = _ => 2 };
+        Seq = new Option<int>("--seq") { Description = "Sequence length.", DefaultValueFactory = _ => 4096 };
+        MicroBatch = new Option<int>("--micro-batch-size") { Description = "Sequences per step.", DefaultValueFactory = _ => 1 };
+        Iters = new Option<int>("--iters") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 10 };
+        Device = new Option<string>("--device") { Description = "cuda (bf16) or cpu (fp32).", DefaultValueFactory = _ => "cuda" };
+        Device.AcceptOnlyFromAmong("cpu", "cuda");
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device }) Command.Options.Add(o);
+    }
+
+    public Command Command { get; }
+    public Option<string> Model { get; }
+    public Option<int> Layers { get; }
+    public Option<int> Seq { get; }
+    public Option<int> MicroBatch { get; }
+    public Option<int> Iters { get; }
+    public Option<string> Device { get; }
+}

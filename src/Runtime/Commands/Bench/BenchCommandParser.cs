@@ -1,0 +1,16 @@
+using System.CommandLine;
+
+namespace Moe.Runtime.Commands.Bench;
+
+/// <summary>Binds <c>moe bench</c> to <see cref="BenchCommand"/>.</summary>
+public static class BenchCommandParser
+{
+    public static Command Create()
+    {
+        var d = new BenchCommandDefinition();
+        d.Command.SetAction(parse => BenchCommand.Execute(new BenchCommand.Request(
+            parse.GetValue(d.Model)!, parse.GetValue(d.Layers), parse.GetValue(d.Seq), parse.GetValue(d.MicroBatch),
+            parse.GetValue(d.Iters), parse.GetValue(d.Device)!), Console.Out));
+        return d.Command;
+    }
+}

@@ -1,0 +1,92 @@
+using System.Globalization;
+using System.Text;
+using Moe.Dsl;
+using Moe.Dsl.Layout;
+using Moe.Dsl.Planning;
+
+namespace Moe.Runtime.Commands.Plan;
+
+/// <summary>Validates a recipe and writes its plan.</summary>
+public static class PlanCommand
+{
+    public static int Execute(RecipeSettings settings, GpuSpec gpu, TextWriter output)
+    {
+        RecipeFindings.ThrowIfInvalid(settings, warnings: output);
+        output.Write(Render(settings, gpu));
+        return 0;
+    }
+
+    /// <summary>The plan as text (the recipe must be valid).</summary>
+    public static string Render(RecipeSettings s, GpuSpec gpu)
+    {
+        var m = s.Model;
+        var p = s.Parallelism;
+        var sb = new StringBuilder();
+        string I(long v) => v.ToString("N0", CultureInfo.InvariantCulture);
+        void Line(string label, string value) => sb.Append("  ").Append(label.PadRight(26)).Append(value).Append('\n');
+
+        sb.Append($"Plan for {s.Name}: {m.Name}, {I(m.ParameterCount)} parameters ({I(m.ActiveParameterCount)} active per token)\n\n");
+
+        sb.Append("Layout\n");
+        Line("GPUs", I(p.Gpus));
+        Line("tensor / pipeline", $"{p.Tensor} / {p.Pipeline}" + (p.VirtualPipeline is int v ? $" (virtual {v})" : ""));
+        Line("context", I(p.Context));
+        Line("expert / expert tensor", $"{p.Expert} / {p.EffectiveExpertTensor}" + (p.ExpertTensor is null ? " (= tensor)" : ""));
+        Line("sequence parallel", p.SequenceParallel ? "on" : "off");
+        Line("rank order", RankLayout.OrderName(p.Order));
+        Line("data parallel", $"{p.DataParallel} = {p.Gpus} / ({p.Tensor}·{p.Pipeline}·{p.Context})");
+        Line("expert data parallel", $"{p.ExpertDataParallel} = {p.Gpus} / ({p.EffectiveExpertTensor}·{p.Expert}·{p.Pipeline})");
+        Line("gradient accumulation", $"{s.GradientAccumulationSteps} = {s.Training.GlobalBatchSize} / ({s.Training.MicroBatchSize}·{p.DataParallel})");
+
+        sb.Append("\nProcess groups (size × count)\n");
+        void Group(string name, int size) => Line(name, size > 0 ? $"{size} × {p.Gpus / size}" : "-");
+        Group("tp", p.Tensor);
+        Group("cp", p.Context);
+        Group("dp", p.DataParallel);
+        Group("dp-cp", p.DataParallel * p.Context);
+        Group("pp", p.Pipeline);
+        Group("tp-pp (model parallel)", p.Tensor * p.Pipeline);
+        Group("ep", p.Expert);
+        Group("expert tp", p.EffectiveExpertTensor);
+        Group("expert dp", p.ExpertDataParallel);
+        Group("expert tp-ep", p.EffectiveExpertTensor * p.Expert);
+
+        sb.Append("\nPipeline stages → layers" + (p.VirtualPipeline is int vpp ? $" ({vpp} virtual chunks per stage)" : "") + "\n");
+        for (int stage = 0; stage < p.Pipeline; stage++)
+        {
+            var ranges = PipelineSplit.LayersOfStage(stage, m.Layers, p.Pipeline, p.VirtualPipeline, p.FirstStageLayers, p.LastStageLayers);
+            Line($"stage {stage}", string.Join(", ", ranges) + $" ({ranges.Sum(r => r.Count)})");
+        }
+
+        sb.Append("\nExpert-parallel rank → experts (every MoE layer)\n");
+        for (int r = 0; r < p.Expert; r++)
+        {
+            var experts = ExpertSplit.ExpertsOfRank(r, m.Experts, p.Expert);
+            Line($"ep rank {r}", experts.Count == 1 ? $"expert {experts.Start}" : $"experts {experts.Start}–{experts.End - 1}");
+        }
+
+        sb.Append("\nRouter and capacity\n");
+        Line("top-k / score", $"{s.TopK} of {m.Experts} / {s.Router.ScoreFunction}" + (s.Router.PreSoftmax ? " (pre-softmax)" : ""));
+        Line("load balancing", $"{s.Router.LoadBalancing}, coefficient {RecipeOptions.Invariant(s.AuxLossCoeff)}" +
+            (s.Router.ZLossCoeff is double z ? $", z-loss {RecipeOptions.Invariant(z)}" : ""));
+        Line("capacity", s.Capacity.Factor is double f
+            ? $"factor {RecipeOptions.Invariant(f)}, drop by {s.Capacity.DropPolicy}" + (s.Capacity.PadToCapacity ? ", padded" : "")
+            : "dropless");
+        Line("dispatcher", s.Dispatcher.ToString());
+
+        var mem = MemoryEstimate.For(s);
+        string G(double bytes) => (bytes / 1e9).ToString("0.0", CultureInfo.InvariantCulture) + " GB";
+        sb.Append($"\nMemory per GPU (estimate, most loaded rank, distributed optimizer, {s.Training.Precision})\n");
+        Line("parameters", I(mem.ParametersPerGpu));
+        Line("weights", G(mem.WeightsBytes));
+        Line("gradients", G(mem.GradientsBytes));
+        Line("optimizer state", G(mem.OptimizerBytes));
+        Line("activations", G(mem.ActivationsBytes) + $" (micro-batch {s.Training.MicroBatchSize} × {s.Data.SequenceLength} tokens)");
+        Line("CUDA, NCCL, allocator", G(mem.OverheadBytes));
+        Line("total", $"{G(mem.TotalBytes)} of {gpu.Name}'s {gpu.MemoryGB.ToString(CultureInfo.InvariantCulture)} GB: " +
+            (mem.FitsOn(gpu) ? "fits" : "WILL NOT FIT"));
+        string others = string.Join(", ", GpuSpec.All.Where(g => g != gpu).Select(g => $"{g.Name} {(mem.FitsOn(g) ? "fits" : "no")}"));
+        Line("other GPUs", others);
+        return sb.ToString();
+    }
+}

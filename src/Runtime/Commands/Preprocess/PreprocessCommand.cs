@@ -1,0 +1,158 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using Moe.Runtime.Data;
+using Moe.Runtime.Data.Tokenizers;
+
+namespace Moe.Runtime.Commands.Preprocess;
+
+/// <summary>
+/// Megatron's preprocess_data.py in C#: each JSON line's keys are tokenized (no BOS/EOS added), EOD
+/// appended with --append-eod (also after an empty document, as Megatron-Core writes it), one sequence per
+/// document, uint16 ids for vocabularies under 65,500 else int32. Lines are read in batches, tokenized by
+/// --workers threads and written in input order. Outputs are temporary files renamed into place only when
+/// every line is done, so a failed or interrupted run leaves no .bin/.idx pair that looks whole.
+/// </summary>
+public static class PreprocessCommand
+{
+    public sealed record Request(string Input, string Tokenizer, string OutputPrefix, string[] JsonKeys, bool AppendEod, bool Sft, int Workers, bool SkipBadLines);
+
+    public sealed record Result(int Exit, long Documents, long Tokens, long Skipped);
+
+    private sealed record Encoded(long Line, int[][]? Sequences, byte[]? LossMask, string? Error);
+
+    public static Result Execute(Request r, TextWriter log)
+    {
+        if (!File.Exists(r.Input)) throw new UserError($"--input {r.Input}: no such file.");
+        if (r.Workers < 1) throw new UserError($"--workers {r.Workers} must be at least 1.");
+        var tokenizer = Tokenizer.Load(r.Tokenizer);
+        string[] keys = r.Sft ? ["text"] : r.JsonKeys;
+        var dtype = IndexedDataset.DtypeForVocabulary(tokenizer.VocabSize);
+        var builders = keys.Select(k => new IndexedDatasetBuilder($"{r.OutputPrefix}_{k}_document", dtype)).ToList();
+        var maskBuilder = r.Sft ? new IndexedDatasetBuilder($"{r.OutputPrefix}_lossmask_document", IndexedDtype.UInt8) : null;
+        var watch = Stopwatch.StartNew();
+        long documents = 0, tokens = 0, skipped = 0, lineNumber = 0, bytesDone = 0;
+        long bytesTotal = Math.Max(1, new FileInfo(r.Input).Length);
+        bool terminal = !Console.IsErrorRedirected;
+        try
+        {
+            foreach (var batch in ReadBatches(r.Input, 4096))
+            {
+                var encoded = new Encoded[batch.Count];
+                Parallel.For(0, batch.Count, new ParallelOptions { MaxDegreeOfParallelism = r.Workers },
+                    i => encoded[i] = Encode(batch[i].Number, batch[i].Text, keys, r, tokenizer));
+                bytesDone += batch.Sum(l => (long)System.Text.Encoding.UTF8.GetByteCount(l.Text) + 1);
+                foreach (var e in encoded)
+                {
+                    lineNumber = e.Line;
+                    if (e.Error is not null)
+                    {
+                        if (!r.SkipBadLines)
+                            throw new UserError($"{r.Input}:{e.Line}: {e.Error}. Nothing was written; fix the line or pass --on-error skip.");
+                        skipped++;
+                        log.WriteLine($"{r.Input}:{e.Line}: skipped: {e.Error}");
+                        continue;
+                    }
+                    for (int k = 0; k < builders.Count; k++)
+                    {
+                        builders[k].AddSequence(e.Sequences![k]);
+                        builders[k].EndDocument();
+                        tokens += e.Sequences[k].Length;
+                    }
+                    if (maskBuilder is not null)
+                    {
+                        maskBuilder.AddBytes(e.LossMask!);
+                        maskBuilder.EndDocument();
+                    }
+                    documents++;
+                }
+                if (terminal) log.Write("\r" + Bar(Math.Min(1.0, bytesDone / (double)bytesTotal)) + " " + Progress(documents, tokens, watch.Elapsed.TotalSeconds) + "   ");
+            }
+            foreach (var b in builders) b.Finish();
+            maskBuilder?.Finish();
+        }
+        finally
+        {
+            foreach (var b in builders) b.Dispose();
+            maskBuilder?.Dispose();
+        }
+        if (terminal) log.WriteLine();
+        log.WriteLine(Progress(documents, tokens, watch.Elapsed.TotalSeconds) + (skipped > 0 ? $"; skipped {skipped} malformed line(s)" : ""));
+        foreach (var k in keys) log.WriteLine($"wrote {r.OutputPrefix}_{k}_document.bin/.idx");
+        if (maskBuilder is not null) log.WriteLine($"wrote {r.OutputPrefix}_lossmask_document.bin/.idx");
+        return new Result(0, documents, tokens, skipped);
+    }
+
+    /// <summary>"[##########----------]  50%" for the share of the input read so far.</summary>
+    public static string Bar(double fraction)
+    {
+        int filled = (int)Math.Round(fraction * 20);
+        return "[" + new string('#', filled) + new string('-', 20 - filled) + "] " + ((int)Math.Round(fraction * 100)).ToString(CultureInfo.InvariantCulture).PadLeft(3) + "%";
+    }
+
+    private static string Progress(long documents, long tokens, double seconds) => string.Create(CultureInfo.InvariantCulture,
+        $"{documents} documents, {tokens} tokens in {seconds:F1} s ({documents / Math.Max(seconds, 1e-9):F0} documents/s, {tokens / Math.Max(seconds, 1e-9):F0} tokens/s)");
+
+    private static IEnumerable<List<(long Number, string Text)>> ReadBatches(string path, int size)
+    {
+        var batch = new List<(long, string)>(size);
+        long n = 0;
+        foreach (var line in File.ReadLines(path))
+        {
+            n++;
+            batch.Add((n, line));
+            if (batch.Count == size)
+            {
+                yield return batch;
+                batch = new List<(long, string)>(size);
+            }
+        }
+        if (batch.Count > 0) yield return batch;
+    }
+
+    private static Encoded Encode(long line, string text, string[] keys, Request r, ITokenizer tokenizer)
+    {
+        JsonDocument doc;
+        try
+        {
+            doc = JsonDocument.Parse(text);
+        }
+        catch (JsonException e)
+        {
+            return new Encoded(line, null, null, $"not valid JSON ({e.Message})");
+        }
+        using (doc)
+        {
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) return new Encoded(line, null, null, "a line must be a JSON object");
+            string? Field(string key, out string? error)
+            {
+                error = null;
+                if (!doc.RootElement.TryGetProperty(key, out var v)) { error = $"no \"{key}\" field"; return null; }
+                if (v.ValueKind != JsonValueKind.String) { error = $"\"{key}\" is {v.ValueKind}, not a string"; return null; }
+                return v.GetString();
+            }
+            if (r.Sft)
+            {
+                string? prompt = Field("input", out var e1);
+                if (e1 is not null) return new Encoded(line, null, null, e1 + " (SFT records have \"input\" and \"output\")");
+                string? answer = Field("output", out var e2);
+                if (e2 is not null) return new Encoded(line, null, null, e2 + " (SFT records have \"input\" and \"output\")");
+                var p = tokenizer.Encode(prompt!);
+                // Prompt and answer are encoded separately, so no merge crosses the boundary the loss mask marks.
+                var a = tokenizer.Encode(answer!);
+                var ids = p.Concat(a).Append(tokenizer.EodId).ToArray();
+                var mask = Enumerable.Repeat((byte)0, p.Count).Concat(Enumerable.Repeat((byte)1, a.Count + 1)).ToArray();
+                return new Encoded(line, [ids], mask, null);
+            }
+            var sequences = new int[keys.Length][];
+            for (int k = 0; k < keys.Length; k++)
+            {
+                string? value = Field(keys[k], out var error);
+                if (error is not null) return new Encoded(line, null, null, error);
+                var ids = tokenizer.Encode(value!);
+                sequences[k] = r.AppendEod ? ids.Append(tokenizer.EodId).ToArray() : ids.ToArray();
+            }
+            return new Encoded(line, sequences, null, null);
+        }
+    }
+}

@@ -1,0 +1,30 @@
+using System.CommandLine;
+using Moe.Dsl;
+
+namespace Moe.Runtime.Commands.Train;
+
+/// <summary>Options of a recipe's <c>train</c> verb: the recipe overrides plus the run's own switches.</summary>
+public sealed class TrainCommandDefinition
+{
+    public const string Name = "train";
+
+    public TrainCommandDefinition(RecipeSettings recipe)
+    {
+        Recipe = recipe;
+        Command = new Command(Name, "Train the recipe in one process on the CPU or one GPU (validated by the rule set first).");
+        Options = new RecipeOptions(recipe);
+        Options.AddTo(Command);
+        Metrics = new Option<string?>("--metrics") { Description = "Append one JSON line per step to this file (step, losses, lr, grad_norm, tokens_per_expert, drop_rate, tokens_per_s)." };
+        Device = new Option<string>("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
+        Device.AcceptOnlyFromAmong("cpu", "cuda");
+        LogEvery = new Option<int>("--log-every") { Description = "When stderr is not a terminal, print a progress line every this many steps.", DefaultValueFactory = _ => 10 };
+        foreach (var o in new Option[] { Metrics, Device, LogEvery }) Command.Options.Add(o);
+    }
+
+    public RecipeSettings Recipe { get; }
+    public Command Command { get; }
+    public RecipeOptions Options { get; }
+    public Option<string?> Metrics { get; }
+    public Option<string> Device { get; }
+    public Option<int> LogEvery { get; }
+}

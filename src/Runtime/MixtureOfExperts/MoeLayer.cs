@@ -1,0 +1,91 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.MixtureOfExperts;
+
+// Shape legend
+//   T  tokens (B·S, batch-major)   H  hidden size   I  expert FFN width
+//   E  experts                     K  router top-k  R  rows sent to the experts (T·K when dropless)
+
+/// <summary>What one MoE layer did with a micro-batch: its output, and what losses and metrics need.</summary>
+/// <param name="HiddenTH">The layer's output, Σ_k w_tk · Expert_{e_tk}(h_t), in the hidden dtype.</param>
+/// <param name="Routing">Router logits, aux scores, combine weights and chosen experts.</param>
+/// <param name="Dispatch">Rows per expert, capacity drops and the permutation.</param>
+public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch Dispatch)
+{
+    /// <summary>(token, expert) pairs routed to each expert, before capacity (int64 [E]).</summary>
+    public Tensor RoutedPerExpert => Dispatch.RoutedPerExpertE;
+
+    /// <summary>(token, expert) pairs each expert processed, after capacity, without padding (int64 [E]).</summary>
+    public Tensor TokensPerExpert => Dispatch.KeptPerExpertE;
+
+    /// <summary>Fraction of routed pairs dropped by capacity (fp32 scalar; 0 when dropless).</summary>
+    public Tensor DropRate => Dispatch.DropRate;
+}
+
+/// <summary>
+/// A sparse MoE block (Shazeer et al. 2017, "Outrageously Large Neural Networks", arXiv:1701.06538; Mixtral:
+/// Jiang et al. 2024, arXiv:2401.04088): router → dispatch (capacity, permutation) → grouped SwiGLU experts →
+/// weighted combine, <c>y_t = Σ_{k&lt;K} w_tk · Expert_{e_tk}(h_t)</c>.
+/// </summary>
+/// <remarks>
+/// <para>
+/// Laid out like Megatron-Core's <c>transformer/moe/</c>: <see cref="TopKRouter"/> (router.py), the
+/// dispatcher's local phases in <see cref="LocalTokenDispatcher"/> (token_dispatcher.py; an expert-parallel
+/// all-to-all goes between its permute and unpermute), <see cref="Experts"/> (experts.py) and the loss
+/// functions in <see cref="AuxLosses"/> (moe_utils.py). Hub parameter names stay with the state-dict adapter.
+/// </para>
+/// <para>
+/// The default <see cref="MoeOptions"/> reproduce transformers' Mixtral exactly (fp32 softmax over all experts,
+/// top-k, renormalised, dropless); recipe options switch on Megatron's capacity factor, drop policies,
+/// pad-to-capacity, sigmoid scores, pre-softmax and the Megatron aux-loss variants. Per-expert token counts
+/// and the drop rate are computed on every forward and returned in <see cref="MoeLayerOutput"/>.
+/// </para>
+/// </remarks>
+public sealed class MoeLayer : nn.Module
+{
+    private readonly Parameter gate;
+    private readonly Experts experts;
+    private readonly GlobalAuxLossTracker globalTracker;
+
+    public MoeLayer(int numExperts, int hidden, int ffn, MoeOptions options, ScalarType dtype, Device device) : base("mlp")
+    {
+        Options = options;
+        NumExperts = numExperts;
+        gate = new Parameter(torch.empty(numExperts, hidden, dtype: dtype, device: device));
+        experts = new Experts(numExperts, hidden, ffn, dtype, device);
+        RegisterComponents();
+        // Not a registered component: the running counts are run state, not a weight (Megatron keeps them
+        // in a non-persistent buffer).
+        globalTracker = new GlobalAuxLossTracker(numExperts, device);
+    }
+
+    public MoeOptions Options { get; set; }
+
+    public int NumExperts { get; }
+
+    /// <summary>Router weight W_gate [E, H] (hub: block_sparse_moe.gate.weight).</summary>
+    public Parameter Gate => gate;
+
+    /// <summary>The grouped expert weights.</summary>
+    public Experts ExpertWeights => experts;
+
+    /// <summary>Running routed counts for the global aux loss; reset once per global batch.</summary>
+    public GlobalAuxLossTracker GlobalAuxLoss => globalTracker;
+
+    /// <param name="hiddenTH">Normalised hidden states of the micro-batch, flattened batch-major.</param>
+    public MoeLayerOutput Forward(Tensor hiddenTH)
+    {
+        var routing = TopKRouter.Route(hiddenTH, gate, Options);
+        var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
+        var outputsRH = experts.Forward(dispatch.RowsRH, dispatch.RowsPerExpertE);
+        return new MoeLayerOutput(LocalTokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) globalTracker.Dispose();
+        base.Dispose(disposing);
+    }
+}

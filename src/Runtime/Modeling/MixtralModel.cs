@@ -1,0 +1,226 @@
+using Moe.Runtime.MixtureOfExperts;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Modeling;
+
+// Shapes: B batch, S sequence, T = B·S tokens, H hidden, V vocabulary, E experts, L layers.
+
+/// <summary>One pre-norm decoder layer: x ← x + Attn(RMSNorm(x)); x ← x + MoE(RMSNorm(x)).</summary>
+public sealed class DecoderLayer : nn.Module
+{
+    private readonly Parameter input_layernorm, post_attention_layernorm;
+    private readonly Attention self_attn;
+    private readonly MoeLayer mlp;
+    private readonly double eps;
+
+    public DecoderLayer(MixtralConfig c, MoeOptions options, ScalarType dtype, Device device) : base("layer")
+    {
+        eps = c.RmsNormEps;
+        input_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
+        post_attention_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
+        self_attn = new Attention(c, dtype, device);
+        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device);
+        RegisterComponents();
+    }
+
+    public Parameter InputNorm => input_layernorm;
+    public Parameter PostAttentionNorm => post_attention_layernorm;
+    public Attention SelfAttention => self_attn;
+    public MoeLayer Moe => mlp;
+
+    public (Tensor HiddenBSH, MoeLayerOutput Moe) Forward(Tensor xBSH, (Tensor, Tensor) rope, Tensor? mask)
+    {
+        xBSH = xBSH + self_attn.Forward(Kernels.RmsNorm(xBSH, input_layernorm, eps), rope, mask);
+        long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
+        var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h));
+        return (xBSH + moe.HiddenTH.view(b, s, h), moe);
+    }
+}
+
+/// <summary>Everything a forward pass produced.</summary>
+/// <param name="LogitsBSV">Logits (null when the caller asked only for the loss).</param>
+/// <param name="LmLoss">Mean next-token cross-entropy over the counted positions (fp32 scalar), or null without labels.</param>
+/// <param name="AuxLoss">Load-balancing loss before its coefficient (transformers: over all layers; Megatron: summed over layers).</param>
+/// <param name="ZLoss">Router z-loss summed over layers before its coefficient, or null when off.</param>
+/// <param name="Layers">Per-layer routing and dispatch, for metrics.</param>
+public sealed record ForwardOutput(Tensor? LogitsBSV, Tensor? LmLoss, Tensor AuxLoss, Tensor? ZLoss, IReadOnlyList<MoeLayerOutput> Layers);
+
+/// <summary>
+/// Mixtral for causal language modelling, equal to transformers 5.17's MixtralForCausalLM: token
+/// embedding, L decoder layers, final RMSNorm, untied LM head. Single-device model code; parallelism
+/// is applied from outside.
+/// </summary>
+public sealed class MixtralModel : nn.Module
+{
+    private readonly Parameter embed_tokens, norm, lm_head;
+    private readonly ModuleList<DecoderLayer> layers;
+
+    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device) : base("model")
+    {
+        if (config.TieWordEmbeddings)
+            throw new Commands.UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
+        Config = config;
+        Dtype = dtype;
+        embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device)).ToArray());
+        norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
+        lm_head = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        RegisterComponents();
+    }
+
+    public MixtralConfig Config { get; }
+
+    public ScalarType Dtype { get; }
+
+    public Parameter Embedding => embed_tokens;
+    public Parameter FinalNorm => norm;
+    public Parameter LmHead => lm_head;
+    public IReadOnlyList<DecoderLayer> Layers => layers.ToList();
+
+    /// <summary>Sets the MoE options of every layer.</summary>
+    public void SetMoeOptions(MoeOptions options)
+    {
+        foreach (var l in layers) l.Moe.Options = options;
+    }
+
+    /// <summary>
+    /// A randomly initialised model (<see cref="InitializeWeights"/> with the config's initializer_range);
+    /// <paramref name="options"/> default to transformers' Mixtral semantics with the config's top-k.
+    /// </summary>
+    public static MixtralModel Random(MixtralConfig config, long seed, ScalarType dtype, Device device, MoeOptions? options = null)
+    {
+        var model = new MixtralModel(config, options ?? new MoeOptions { TopK = config.TopK }, dtype, device);
+        model.InitializeWeights(seed, config.InitializerRange);
+        return model;
+    }
+
+    /// <summary>transformers' initialisation: normal(0, 0.02) for matrices, ones for norms, from a seeded generator.</summary>
+    public void InitializeWeights(long seed, double std = 0.02)
+    {
+        using var _ = torch.no_grad();
+        var gen = new torch.Generator((ulong)seed);
+        foreach (var (name, p) in named_parameters())
+        {
+            if (p.dim() == 1) p.fill_(1.0);
+            else p.copy_(torch.randn(p.shape, dtype: ScalarType.Float32, generator: gen).mul_(std).to(p.dtype));
+        }
+    }
+
+    /// <summary>
+    /// Runs the model. <paramref name="labelsBS"/> are the targets aligned with the inputs (position t predicts
+    /// labels[t]); <paramref name="lossMaskBS"/> (1 = counted) defaults to all ones. Use
+    /// <see cref="ShiftedLabels"/> for transformers' convention (labels = inputs shifted by one).
+    /// </summary>
+    /// <param name="inputIdsBS">Token ids, int64 [B, S].</param>
+    /// <param name="labelsBS">Targets aligned with the inputs, or null for no loss.</param>
+    /// <param name="lossMaskBS">1 where a position counts in lm_loss (default: all).</param>
+    /// <param name="positionIdsBS">RoPE positions (default 0…S−1 per row; packed data restarts them per document).</param>
+    /// <param name="documentIdsBS">Document of each position: attention stays inside a document (packed sequences).</param>
+    /// <param name="returnLogits">False to drop the [B, S, V] logits from the result (training).</param>
+    /// <param name="attentionMaskBS">
+    /// transformers' 2-D padding mask (1 = token, 0 = padding): padded keys are never attended to, and the
+    /// transformers aux loss leaves padded tokens out of both its fractions (load_balancing_loss_func's
+    /// masked branch). Megatron's aux losses ignore it (they count every token on the rank).
+    /// </param>
+    public ForwardOutput Forward(Tensor inputIdsBS, Tensor? labelsBS = null, Tensor? lossMaskBS = null,
+        Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true, Tensor? attentionMaskBS = null)
+    {
+        long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
+        var device = embed_tokens.device;
+        positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
+        var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
+        var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
+        if (Config.SlidingWindow is int window && s > window)
+        {
+            // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
+            var slidingSS = SlidingWindowCausalMask(s, window, device);
+            mask = mask is null ? slidingSS.unsqueeze(0).unsqueeze(0) : mask & slidingSS;
+        }
+        if (attentionMaskBS is not null)
+        {
+            // Causal ∧ key is a real token, [B, 1, S, S]. A padding query with no real key before it (left
+            // padding) would have an empty row — NaN or 0 depending on the kernel, and a NaN would reach real
+            // tokens through V and the aux loss — so every position may always see itself; real tokens
+            // already do, so their outputs are unchanged.
+            var keysB11S = attentionMaskBS.gt(0).view(b, 1, 1, s);
+            var selfSS = torch.eye(s, dtype: ScalarType.Bool, device: device);
+            mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
+        }
+
+        var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
+        var moeOutputs = new List<MoeLayerOutput>(layers.Count);
+        foreach (var layer in layers)
+        {
+            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
+            moeOutputs.Add(moe);
+        }
+        var logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps), lm_head);
+
+        Tensor? lmLoss = null;
+        if (labelsBS is not null)
+        {
+            // Positions outside the loss mask become ignore_index, so the fused mean counts only the rest.
+            var targets = lossMaskBS is null ? labelsBS.flatten() : torch.where(lossMaskBS.flatten().gt(0), labelsBS.flatten(), IgnoreIndex);
+            lmLoss = nn.functional.cross_entropy(logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32), targets, ignore_index: IgnoreIndex);
+        }
+        var options = layers[0].Moe.Options;
+        Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
+            ? torch.zeros(1, device: device).squeeze()
+            : options.AuxLossConvention == AuxLossConvention.Transformers
+                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
+                : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
+        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
+        return new ForwardOutput(returnLogits ? logitsBSV : null, lmLoss, aux, z, moeOutputs);
+    }
+
+    private Tensor MegatronAux(MoeLayerOutput m, MoeLayer layer, MoeOptions options, int batch) => options.LoadBalancing switch
+    {
+        Dsl.LoadBalancing.SeqAuxLoss => AuxLosses.Sequence(m.Routing.ScoresTE, m.Routing.ExpertsTK, batch, options.TopK),
+        // Megatron accumulates the global counts only in training with gradients (not in evaluation or
+        // recomputation); elsewhere the loss is reported against this micro-batch's counts.
+        Dsl.LoadBalancing.GlobalAuxLoss => AuxLosses.Global(m.Routing.ScoresTE,
+            training && torch.is_grad_enabled() ? layer.GlobalAuxLoss.Accumulate(m.RoutedPerExpert) : m.RoutedPerExpert.to(ScalarType.Float32),
+            options.TopK),
+        _ => AuxLosses.Switch(m.Routing.ScoresTE, m.RoutedPerExpert, options.TopK),
+    };
+
+    /// <summary>
+    /// Starts a new global batch for <see cref="Dsl.LoadBalancing.GlobalAuxLoss"/>: clears every layer's
+    /// running routed counts. Call after each optimizer step (Megatron's reset_global_aux_loss_tracker).
+    /// </summary>
+    public void ResetGlobalAuxLoss()
+    {
+        foreach (var l in layers) l.Moe.GlobalAuxLoss.Reset();
+    }
+
+    private const long IgnoreIndex = -100;
+
+    /// <summary>transformers' labels: position t predicts input t+1; the last position is not counted.</summary>
+    public static (Tensor Labels, Tensor LossMask) ShiftedLabels(Tensor inputIdsBS)
+    {
+        long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
+        var labels = torch.cat(new[] { inputIdsBS.narrow(1, 1, s - 1), torch.zeros(b, 1, dtype: ScalarType.Int64, device: inputIdsBS.device) }, 1);
+        var mask = torch.ones(b, s, device: inputIdsBS.device);
+        mask[.., ^1] = torch.zeros(b, device: inputIdsBS.device);
+        return (labels, mask);
+    }
+
+    /// <summary>Sliding-window causal mask [S, S] (true = attend): i − window &lt; j ≤ i (transformers sliding_window_causal_mask_function).</summary>
+    public static Tensor SlidingWindowCausalMask(long s, int window, Device? device = null)
+    {
+        var i = torch.arange(s, device: device).unsqueeze(1);
+        var j = torch.arange(s, device: device).unsqueeze(0);
+        return j.le(i) & j.gt(i - window);
+    }
+
+    /// <summary>Document-causal mask [B, 1, S, S]: position i attends to j ≤ i of the same document.</summary>
+    public static Tensor DocumentCausalMask(Tensor documentIdsBS)
+    {
+        long s = documentIdsBS.shape[1];
+        var causal = torch.ones(s, s, dtype: ScalarType.Bool, device: documentIdsBS.device).tril();
+        var same = documentIdsBS.unsqueeze(2).eq(documentIdsBS.unsqueeze(1));
+        return (same & causal).unsqueeze(1);
+    }
+}

@@ -1,0 +1,200 @@
+using System.Diagnostics;
+using Moe.Dsl;
+using Moe.Runtime.Checkpoints;
+using Moe.Runtime.Commands;
+using Moe.Runtime.Data;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Training;
+
+/// <summary>Where samples come from: index i of the run's sample stream.</summary>
+public interface ISampleSource
+{
+    GptSample Sample(long index);
+}
+
+/// <summary>How a run ended.</summary>
+public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps);
+
+/// <summary>
+/// One-process trainer: AdamW with decoupled weight decay (none on norm weights, as Megatron exempts
+/// 1-D parameters), warm-up then cosine/linear decay, global-norm clipping, gradient accumulation over
+/// GlobalBatchSize / (MicroBatchSize · DP) micro-batches, seeded. fp32 on CPU; with bf16 the model computes
+/// in bf16 while fp32 master weights and AdamW state live beside it (TorchSharp has no autocast).
+/// A NaN or infinite loss stops the run before the optimizer step, naming the last good step.
+/// </summary>
+public sealed class Trainer : IDisposable
+{
+    private readonly RecipeSettings _s;
+    private readonly Device _device;
+    private readonly MixtralModel _model;
+    private readonly Parameter[] _params;
+    private readonly Parameter[] _master;
+    private readonly optim.Optimizer _optimizer;
+    private readonly bool _mixed;
+
+    public Trainer(RecipeSettings settings, Device device, TextWriter log)
+    {
+        _s = settings;
+        _device = device;
+        var dtype = settings.Training.Precision == Precision.Bf16 && device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
+        if (settings.Training.Precision == Precision.Bf16 && dtype == ScalarType.Float32)
+            log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
+        _mixed = dtype == ScalarType.BFloat16;
+        torch.manual_seed(settings.Training.Seed);
+        var options = MoeOptions.From(settings);
+        if (settings.Checkpoint.Load is string load)
+        {
+            var config = MixtralStateDictAdapter.ReadConfig(load);
+            CheckMatches(config, MixtralConfig.From(settings.Model), load);
+            _model = new MixtralModel(config, options, dtype, device);
+            MixtralStateDictAdapter.Load(_model, load);
+            log.WriteLine($"loaded {load}");
+        }
+        else
+        {
+            _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device);
+            _model.InitializeWeights(settings.Training.Seed);
+        }
+        _model.train();
+        _params = _model.parameters().ToArray();
+        _master = _mixed
+            ? _params.Select(p => new Parameter(p.detach().to(ScalarType.Float32).clone())).ToArray()
+            : _params;
+        var t = settings.Training;
+        var decay = _master.Where(p => p.dim() >= 2).ToArray();
+        var noDecay = _master.Where(p => p.dim() < 2).ToArray();
+        _optimizer = torch.optim.AdamW(new[]
+        {
+            new AdamW.ParamGroup(decay, new AdamW.Options { LearningRate = t.LearningRate, weight_decay = t.WeightDecay, beta1 = t.AdamBeta1, beta2 = t.AdamBeta2, eps = t.AdamEps }),
+            new AdamW.ParamGroup(noDecay, new AdamW.Options { LearningRate = t.LearningRate, weight_decay = 0, beta1 = t.AdamBeta1, beta2 = t.AdamBeta2, eps = t.AdamEps }),
+        }, t.LearningRate, t.AdamBeta1, t.AdamBeta2, t.AdamEps, t.WeightDecay);
+    }
+
+    public MixtralModel Model => _model;
+
+    public TrainResult Run(ISampleSource data, TextWriter log, MetricsWriter metrics, int logEvery = 1, Action<int>? afterStep = null)
+    {
+        var t = _s.Training;
+        int microBatches = Math.Max(1, _s.GradientAccumulationSteps);
+        int b = t.MicroBatchSize, seq = _s.Data.SequenceLength;
+        double auxCoeff = _s.Router.LoadBalancing == LoadBalancing.None ? 0 : _s.AuxLossCoeff;
+        double zCoeff = _s.Router.ZLossCoeff ?? 0;
+        var history = new List<StepMetrics>();
+        bool terminal = !Console.IsErrorRedirected;
+        for (int step = 1; step <= t.Steps; step++)
+        {
+            var watch = Stopwatch.StartNew();
+            using var scope = torch.NewDisposeScope();
+            double lr = LearningRate.At(step, t);
+            foreach (var g in _optimizer.ParamGroups) g.LearningRate = lr;
+            _optimizer.zero_grad();
+            foreach (var p in _params) p.grad = null;
+            double loss = 0, lm = 0, aux = 0, z = 0, routed = 0, kept = 0;
+            long[][] perExpert = Enumerable.Range(0, _model.Config.Layers).Select(_ => new long[_model.Config.Experts]).ToArray();
+            for (int micro = 0; micro < microBatches; micro++)
+            {
+                long first = ((long)(step - 1) * microBatches + micro) * b;
+                var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
+                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: _device).view(b, seq);
+                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: _device).view(b, seq);
+                var o = _model.Forward(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
+                    _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
+                var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
+                (total / microBatches).backward();
+                loss += total.item<float>() / microBatches;
+                lm += o.LmLoss!.item<float>() / microBatches;
+                aux += o.AuxLoss.item<float>() / microBatches;
+                z += (o.ZLoss?.item<float>() ?? 0) / microBatches;
+                for (int l = 0; l < o.Layers.Count; l++)
+                {
+                    var d = o.Layers[l].Dispatch;
+                    var rows = d.KeptPerExpertE.cpu().data<long>().ToArray();   // tokens, not padding rows
+                    for (int e = 0; e < rows.Length; e++) perExpert[l][e] += rows[e];
+                    routed += d.RoutedPerExpertE.sum().item<long>();
+                    kept += d.KeptPerExpertE.sum().item<long>();
+                }
+            }
+            if (!double.IsFinite(loss))
+            {
+                string last = history.Count == 0 ? "no step completed" : $"the last good step was {history[^1].Step} (loss {history[^1].Loss:G5})";
+                throw new UserError($"The loss became {(double.IsNaN(loss) ? "NaN" : "infinite")} at step {step}; {last}. Training stopped before the optimizer step, " +
+                    $"so the weights are those after step {step - 1}. Lower the learning rate (it was {lr:G3}) or check the data.");
+            }
+            if (_mixed)
+                for (int i = 0; i < _params.Length; i++)
+                    _master[i].grad = _params[i].grad?.to(ScalarType.Float32);
+            double gradNorm = t.ClipGrad > 0
+                ? torch.nn.utils.clip_grad_norm_(_master, t.ClipGrad)
+                : GradNorm(_master);
+            _optimizer.step();
+            _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
+            if (_mixed)
+                using (torch.no_grad())
+                    for (int i = 0; i < _params.Length; i++) _params[i].copy_(_master[i]);
+            if (_device.type == DeviceType.CUDA) torch.cuda.synchronize();
+            double seconds = watch.Elapsed.TotalSeconds;
+            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpert, routed > 0 ? 1 - kept / routed : 0, microBatches * b * (double)seq / seconds);
+            history.Add(m);
+            metrics.Write(m);
+            if (terminal) Console.Error.Write("\r" + m.ToProgressLine(t.Steps) + "   ");
+            else if (step % logEvery == 0 || step == t.Steps) log.WriteLine(m.ToProgressLine(t.Steps));
+            afterStep?.Invoke(step);
+        }
+        if (terminal) Console.Error.WriteLine();
+        return new TrainResult(history);
+    }
+
+    private static double GradNorm(IEnumerable<Parameter> ps) =>
+        Math.Sqrt(ps.Where(p => p.grad is not null).Sum(p => Math.Pow(p.grad!.to(ScalarType.Float32).norm().item<float>(), 2)));
+
+    private static void CheckMatches(MixtralConfig checkpoint, MixtralConfig recipe, string path)
+    {
+        var a = (checkpoint.HiddenSize, checkpoint.Layers, checkpoint.Experts, checkpoint.Heads, checkpoint.KeyValueHeads, checkpoint.VocabSize, checkpoint.IntermediateSize);
+        var b = (recipe.HiddenSize, recipe.Layers, recipe.Experts, recipe.Heads, recipe.KeyValueHeads, recipe.VocabSize, recipe.IntermediateSize);
+        if (a != b)
+            throw new UserError($"{path}/config.json (hidden, layers, experts, heads, kv heads, vocab, ffn) = {a} does not match the recipe's model {b}; choose the matching Model preset.");
+    }
+
+    public void Dispose()
+    {
+        _optimizer.Dispose();
+        _model.Dispose();
+    }
+}
+
+/// <summary>Samples of a Megatron indexed dataset's training split.</summary>
+public sealed class IndexedSampleSource : ISampleSource, IDisposable
+{
+    private readonly IndexedDataset _data;
+    private readonly IndexedDataset? _lossMask;
+    private readonly GptDataset _samples;
+
+    public IndexedSampleSource(RecipeSettings s, int eodId)
+    {
+        string prefix = s.Data.Prefix ?? throw new UserError("Data.Prefix is not set: training needs a dataset (a Megatron .bin/.idx prefix).");
+        _data = IndexedDataset.Open(prefix);
+        var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[0]
+            ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the training split no weight.");
+        int samples = checked(s.Training.Steps * s.Training.GlobalBatchSize);
+        if (s.Data.Format == DataFormat.Sft)
+        {
+            if (!prefix.EndsWith("_text_document", StringComparison.Ordinal))
+                throw new UserError($"Data.Prefix \"{prefix}\": SFT data is written by `moe preprocess --sft` as <prefix>_text_document with <prefix>_lossmask_document beside it.");
+            _lossMask = IndexedDataset.Open(prefix[..^"_text_document".Length] + "_lossmask_document");
+        }
+        _samples = new GptDataset(_data, range, samples, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
+    }
+
+    public GptSample Sample(long index) => _samples.Sample(index);
+
+    public void Dispose()
+    {
+        _data.Dispose();
+        _lossMask?.Dispose();
+    }
+}

@@ -1,0 +1,93 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Moe.Dsl.Layout;
+using Moe.Runtime.Commands;
+using Xunit;
+
+namespace Moe.Dsl.Tests.Layout;
+
+/// <summary>Our rank layout against Megatron-Core 0.20's own process groups (shared/vectors/megatron-ranks).</summary>
+[Collection("Console")]
+public class MegatronVectorTests
+{
+    public static TheoryData<string> VectorFiles()
+    {
+        var data = new TheoryData<string>();
+        foreach (var f in Directory.GetFiles(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks"), "*.json").OrderBy(f => f, StringComparer.Ordinal))
+            data.Add(Path.GetFileName(f));
+        return data;
+    }
+
+    private static JsonObject Load(string file)
+    {
+        var node = JsonNode.Parse(File.ReadAllText(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks", file)))!.AsObject();
+        node.Remove("source");
+        return node;
+    }
+
+    private static RankLayout LayoutOf(JsonObject v) => new(
+        (int)v["world"]!, (int)v["tp"]!, (int)v["pp"]!, (int)v["cp"]!, (int)v["ep"]!, (int)v["etp"]!,
+        RankLayout.ParseOrder((string)v["order"]!)!.Value);
+
+    [Fact]
+    public void VectorsArePresent()
+    {
+        Assert.True(Directory.GetFiles(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks"), "*.json").Length >= 30, "expected the Megatron vector files beside the repository");
+    }
+
+    [Theory]
+    [MemberData(nameof(VectorFiles))]
+    public void LayoutJson_EqualsMegatronsGroups(string file)
+    {
+        var expected = Load(file);
+        var actual = JsonNode.Parse(LayoutJson.Write(LayoutOf(expected)))!.AsObject();
+        actual.Remove("source");
+        foreach (var (key, value) in expected)
+            Assert.True(JsonNode.DeepEquals(value, actual[key]), $"{file}: '{key}' differs");
+        Assert.Equal(expected.Select(p => p.Key), actual.Select(p => p.Key));
+    }
+
+    [Theory]
+    [InlineData("w32-tp1-pp1-cp1-ep8-etp1-tp-cp-ep-dp-pp.json")]
+    [InlineData("w16-tp2-pp2-cp2-ep4-etp1-tp-cp-ep-dp-pp.json")]
+    [InlineData("w128-tp2-pp1-cp1-ep4-etp2-tp-cp-ep-pp-dp.json")]
+    public void LayoutVerb_Json_ReproducesTheVectorFile(string file)
+    {
+        if (!File.Exists(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks", file))) return;
+        var v = Load(file);
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(),
+            ["layout", "--gpus", $"{v["world"]}", "--tp", $"{v["tp"]}", "--pp", $"{v["pp"]}", "--cp", $"{v["cp"]}",
+             "--ep", $"{v["ep"]}", "--etp", $"{v["etp"]}", "--order", (string)v["order"]!, "--json"]));
+        Assert.Equal(0, exit);
+        var actual = JsonNode.Parse(output)!.AsObject();
+        actual.Remove("source");
+        Assert.True(JsonNode.DeepEquals(v, actual));
+    }
+
+    [Fact]
+    public void LayoutVerb_IndivisibleLayout_ExitsTwoWithTheArithmetic()
+    {
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "24", "--tp", "2", "--ep", "8"]));
+        Assert.Equal(2, exit);
+        Assert.Contains("MOE0004", err);
+        Assert.Contains("Gpus (24) must be a multiple of ExpertTensor × Expert × Pipeline = 2 × 8 × 1 = 16", err);
+        Assert.DoesNotContain("   at ", err);
+    }
+
+    [Fact]
+    public void LayoutVerb_NegativeSize_ExitsTwo()
+    {
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "8", "--pp", "-1"]));
+        Assert.Equal(2, exit);
+        Assert.Contains("Pipeline (-1) must be at least 1", err);
+    }
+
+    [Fact]
+    public void LayoutVerb_Table_ListsGroupsAndCoordinates()
+    {
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "16", "--tp", "2", "--pp", "2", "--cp", "2", "--ep", "4", "--etp", "1"]));
+        Assert.Equal(0, exit);
+        Assert.Contains("dp 2, edp 2, order tp-cp-ep-dp-pp", output);
+        Assert.Contains("dp_cp               4 × 4: [0,2,4,6] [1,3,5,7] [8,10,12,14] [9,11,13,15]", output);
+    }
+}

@@ -1,0 +1,105 @@
+using System.Text.Json;
+using Moe.Runtime.Commands;
+using Moe.Runtime.Data;
+using Moe.Tests;
+using Xunit;
+
+namespace Moe.Runtime.Tests.Data;
+
+/// <summary>Megatron's MMIDIDX files (shared/fixtures/tokenizer-bpe-1k, written by Megatron-Core 0.20).</summary>
+public class IndexedDatasetTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("moe-idx-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static string FixturePrefix => TestPaths.Fixture("tokenizer-bpe-1k", "megatron_text_document");
+
+    private static (int[][] Ids, int Eod) ExpectedIds()
+    {
+        using var doc = JsonDocument.Parse(File.ReadAllText(TestPaths.Fixture("tokenizer-bpe-1k", "expected_ids.json")));
+        var ids = doc.RootElement.GetProperty("ids").EnumerateArray().Select(d => d.EnumerateArray().Select(e => e.GetInt32()).ToArray()).ToArray();
+        return (ids, doc.RootElement.GetProperty("eod").GetInt32());
+    }
+
+    [Fact]
+    public void Reader_SeesMegatronsSequencesAndDocuments()
+    {
+        var (ids, eod) = ExpectedIds();
+        using var ds = IndexedDataset.Open(FixturePrefix);
+        Assert.Equal(IndexedDtype.UInt16, ds.Dtype);
+        Assert.Equal(ids.Length, ds.DocumentIndices.Length - 1);
+        // One sequence per document, EOD appended — also to the empty document (document 9), which
+        // Megatron-Core 0.20 writes as a single EOD token.
+        Assert.Equal(ids.Length, ds.SequenceCount);
+        Assert.Contains(ids, d => d.Length == 0);
+        for (int d = 0; d < ids.Length; d++)
+            Assert.Equal(ids[d].Select(i => (long)i).Append(eod), ds.Read(d));
+    }
+
+    [Fact]
+    public void Builder_ReproducesMegatronsFilesByteForByte()
+    {
+        var (ids, eod) = ExpectedIds();
+        string prefix = Path.Combine(_dir, "out_text_document");
+        using (var b = new IndexedDatasetBuilder(prefix, IndexedDataset.DtypeForVocabulary(1000)))
+        {
+            foreach (var doc in ids)
+            {
+                b.AddSequence(doc.Append(eod).ToArray());
+                b.EndDocument();
+            }
+            b.Finish();
+        }
+        Assert.Equal(File.ReadAllBytes(FixturePrefix + ".idx"), File.ReadAllBytes(prefix + ".idx"));
+        Assert.Equal(File.ReadAllBytes(FixturePrefix + ".bin"), File.ReadAllBytes(prefix + ".bin"));
+    }
+
+    [Fact]
+    public void UnfinishedBuilder_LeavesNothingThatLooksWhole()
+    {
+        string prefix = Path.Combine(_dir, "partial");
+        using (var b = new IndexedDatasetBuilder(prefix, IndexedDtype.UInt16))
+        {
+            b.AddSequence(new[] { 5, 6, 7 });
+            b.EndDocument();
+        }
+        Assert.Empty(Directory.GetFiles(_dir));
+    }
+
+    [Fact]
+    public void TruncatedBin_IsANamedError()
+    {
+        string prefix = Path.Combine(_dir, "cut");
+        File.Copy(FixturePrefix + ".idx", prefix + ".idx");
+        File.WriteAllBytes(prefix + ".bin", File.ReadAllBytes(FixturePrefix + ".bin")[..1000]);
+        var e = Assert.Throws<UserError>(() => IndexedDataset.Open(prefix));
+        Assert.Contains("cut.bin: sequence", e.Message);
+        Assert.Contains("runs past the end of the file (1000 bytes)", e.Message);
+    }
+
+    [Theory]
+    // Megatron's arithmetic (shared/spec/megatron-formats.md §3 table).
+    [InlineData("990,9,1", 1000, 0, 990, 990, 999, 999, 1000)]
+    [InlineData("990,9,1", 1001, 0, 991, 991, 1000, 1000, 1001)]
+    [InlineData("990,9,1", 12345, 0, 12222, 12222, 12333, 12333, 12345)]
+    [InlineData("990,9,1", 150, 0, 148, 148, 150, 150, 150)]
+    [InlineData("969, 30, 1", 1000, 0, 969, 969, 999, 999, 1000)]
+    [InlineData("99990,8,2", 12345, 0, 12344, 12344, 12345, 12345, 12345)]
+    public void Split_FollowsMegatronsBookEndsAndRounding(string split, long n, long a0, long a1, long b0, long b1, long c0, long c1)
+    {
+        var r = DataSplits.Ranges(split, n);
+        Assert.Equal((a0, a1), r[0]);
+        Assert.Equal((b0, b1), r[1]);
+        Assert.Equal((c0, c1), r[2]);
+    }
+
+    [Fact]
+    public void Split_WithZeroTestWeight_HasNoTestSplit()
+    {
+        var r = DataSplits.Ranges("98,2,0", 1000);
+        Assert.Equal((0L, 980L), r[0]);
+        Assert.Equal((980L, 1000L), r[1]);
+        Assert.Null(r[2]);
+    }
+}

@@ -1,0 +1,135 @@
+using Moe.Runtime.Checkpoints;
+using Moe.Runtime.Commands;
+using Moe.Tests;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Tests;
+
+/// <summary>`moe forward` as users run it, against the transformers fixture, and its errors.</summary>
+[Collection("Console")]
+public class ForwardCommandTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("moe-forward-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static string Fixture => TestPaths.Fixture("mixtral-tiny");
+
+    private static (int Exit, string Err) Run(params string[] args)
+    {
+        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
+        return (exit, err);
+    }
+
+    private string WriteInput()
+    {
+        using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
+        string input = Path.Combine(_dir, "in.safetensors");
+        SafetensorsFile.Write(input, [new("input_ids", expected.Read("input_ids"))]);
+        return input;
+    }
+
+    [Fact]
+    public void ForwardWithGrads_WritesEveryTensorOfTheFixtureWithinTolerance()
+    {
+        string output = Path.Combine(_dir, "out.safetensors");
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", WriteInput(), "--output", output, "--grads");
+        Assert.True(exit == 0, err);
+        using var ours = SafetensorsFile.Open(output);
+        using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
+        Assert.Equal("pt", ours.Metadata["format"]);
+        foreach (var key in expected.Entries.Keys.Where(k => k != "input_ids"))
+        {
+            using var e = expected.Read(key);
+            using var o = ours.Read(key);
+            Assert.Equal(e.shape, o.shape);
+            if (key == "logits" || key.StartsWith("router_logits", StringComparison.Ordinal))
+                Assert.True((o - e).abs().max().item<float>() <= 1e-4, $"{key} differs");
+            else if (key.StartsWith("grad.", StringComparison.Ordinal))
+                Assert.True((o - e).norm().item<float>() <= 1e-4 * e.norm().item<float>(), $"{key} differs");
+            else
+                Assert.True(Math.Abs(o.item<float>() - e.item<float>()) <= 1e-5 * Math.Abs(e.item<float>()), $"{key} differs");
+        }
+    }
+
+    [Fact]
+    public void CudaOnACpuHost_SaysWhatItLookedFor()
+    {
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"), "--device", "cuda");
+        if (torch.cuda.is_available()) return;
+        Assert.Equal(2, exit);
+        Assert.Contains("torch.cuda.is_available() is false", err);
+        Assert.Contains("LD_LIBRARY_PATH", err);
+        if (Environment.GetEnvironmentVariable("MOE_TORCH_LIB") is null or "")
+            Assert.Contains("MOE_TORCH_LIB is unset, so python's torch/lib was tried", err);
+    }
+
+    [Fact]
+    public void TruncatedCheckpoint_NamesTheFileAndTheTensor()
+    {
+        string ckpt = Path.Combine(_dir, "ckpt");
+        Directory.CreateDirectory(ckpt);
+        File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
+        byte[] bytes = File.ReadAllBytes(Path.Combine(Fixture, "model.safetensors"));
+        File.WriteAllBytes(Path.Combine(ckpt, "model.safetensors"), bytes[..(bytes.Length - 1000)]);
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        Assert.Equal(2, exit);
+        Assert.Matches(@"model\.safetensors: tensor '[a-z0-9_.]+' ends at byte \d+ of the data section, which has only \d+ bytes", err);
+        Assert.Contains("truncated", err);
+        Assert.False(File.Exists(Path.Combine(_dir, "o.safetensors")));
+    }
+
+    [Fact]
+    public void ConfigThatDisagreesWithTheWeights_NamesTheTensorAndShapes()
+    {
+        string ckpt = Path.Combine(_dir, "ckpt2");
+        Directory.CreateDirectory(ckpt);
+        File.WriteAllText(Path.Combine(ckpt, "config.json"), File.ReadAllText(Path.Combine(Fixture, "config.json")).Replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));
+        File.Copy(Path.Combine(Fixture, "model.safetensors"), Path.Combine(ckpt, "model.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        Assert.Equal(2, exit);
+        Assert.Contains("has shape [96, 64] but the model expects [128, 64] from config.json", err);
+    }
+
+    [Fact]
+    public void MissingShard_IsNamed()
+    {
+        string ckpt = Path.Combine(_dir, "sharded");
+        Directory.CreateDirectory(ckpt);
+        File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
+        File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"weight_map\": {\"lm_head.weight\": \"model-00001-of-00002.safetensors\"}}");
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        Assert.Equal(2, exit);
+        Assert.Contains("lists shard model-00001-of-00002.safetensors for 'lm_head.weight'", err);
+    }
+
+    [Fact]
+    public void ShardedCheckpoint_LoadsLikeTheSingleFile()
+    {
+        // Split the fixture into two shards with an index, as the hub does for large models.
+        string ckpt = Path.Combine(_dir, "two-shards");
+        Directory.CreateDirectory(ckpt);
+        File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
+        using (var f = SafetensorsFile.Open(Path.Combine(Fixture, "model.safetensors")))
+        {
+            var keys = f.Entries.Keys.OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            var halves = new[] { keys[..(keys.Length / 2)], keys[(keys.Length / 2)..] };
+            var map = new List<string>();
+            for (int i = 0; i < 2; i++)
+            {
+                string shard = $"model-0000{i + 1}-of-00002.safetensors";
+                SafetensorsFile.Write(Path.Combine(ckpt, shard), halves[i].Select(k => new KeyValuePair<string, Tensor>(k, f.Read(k))));
+                map.AddRange(halves[i].Select(k => $"\"{k}\": \"{shard}\""));
+            }
+            File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"metadata\": {}, \"weight_map\": {" + string.Join(", ", map) + "}}");
+        }
+        string output = Path.Combine(_dir, "sharded-out.safetensors");
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", output);
+        Assert.True(exit == 0, err);
+        using var ours = SafetensorsFile.Open(output);
+        using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
+        Assert.True((ours.Read("logits") - expected.Read("logits")).abs().max().item<float>() <= 1e-4);
+    }
+}
