@@ -4,7 +4,7 @@ using Moe.Runtime.Data;
 using Moe.Tests;
 using Xunit;
 
-namespace Moe.Runtime.Tests.Data;
+namespace Moe.Data.Tests;
 
 /// <summary>`moe preprocess` against Megatron-Core's own output for the tokenizer fixture.</summary>
 [Collection("Console")]

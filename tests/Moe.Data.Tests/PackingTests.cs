@@ -1,7 +1,7 @@
 using Moe.Runtime.Data;
 using Xunit;
 
-namespace Moe.Runtime.Tests.Data;
+namespace Moe.Data.Tests;
 
 /// <summary>Packed samples with Megatron's masks (gpt_dataset._get_ltor_masks_and_position_ids), checked by hand.</summary>
 public class PackingTests

@@ -4,7 +4,7 @@ using Moe.Runtime.Data;
 using Moe.Tests;
 using Xunit;
 
-namespace Moe.Runtime.Tests.Data;
+namespace Moe.Data.Tests;
 
 /// <summary>Megatron's MMIDIDX files (shared/fixtures/tokenizer-bpe-1k, written by Megatron-Core 0.20).</summary>
 public class IndexedDatasetTests : IDisposable
