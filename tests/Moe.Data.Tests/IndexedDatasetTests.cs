@@ -67,6 +67,60 @@ public class IndexedDatasetTests : IDisposable
         Assert.Empty(Directory.GetFiles(_dir));
     }
 
+    private static void WriteOld(string prefix, int token)
+    {
+        File.WriteAllBytes(prefix + ".bin", [(byte)token, 0]);
+        File.WriteAllBytes(prefix + ".idx", [.. "OLD"u8]);
+    }
+
+    [Fact]
+    public void CompletedButUncommitted_LeavesEarlierPairsUntouchedAndNoTemporaryFiles()
+    {
+        // A run that fails after writing its temporary files but before Commit (e.g. the second key fails):
+        // the earlier run's pairs stay exactly as they were, nothing new appears.
+        string a = Path.Combine(_dir, "a"), b = Path.Combine(_dir, "b");
+        WriteOld(a, 1);
+        WriteOld(b, 2);
+        using (var ba = new IndexedDatasetBuilder(a, IndexedDtype.UInt16))
+        using (var bb = new IndexedDatasetBuilder(b, IndexedDtype.UInt8))
+        {
+            ba.AddSequence([5, 6]);
+            ba.EndDocument();
+            bb.AddBytes([0, 1]);
+            bb.EndDocument();
+            ba.Complete();
+            bb.Complete();
+        }
+        Assert.Equal(["a.bin", "a.idx", "b.bin", "b.idx"], Directory.GetFiles(_dir).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        Assert.Equal("OLD"u8.ToArray(), File.ReadAllBytes(a + ".idx"));
+        Assert.Equal(new byte[] { 2, 0 }, File.ReadAllBytes(b + ".bin"));
+    }
+
+    [Fact]
+    public void CommitOfTwoDatasets_ReplacesBothEarlierPairs()
+    {
+        string a = Path.Combine(_dir, "a"), b = Path.Combine(_dir, "b");
+        WriteOld(a, 1);
+        WriteOld(b, 2);
+        using var ba = new IndexedDatasetBuilder(a, IndexedDtype.UInt16);
+        using var bb = new IndexedDatasetBuilder(b, IndexedDtype.UInt8);
+        ba.AddSequence([5, 6]);
+        ba.EndDocument();
+        bb.AddBytes([0, 1]);
+        bb.EndDocument();
+        ba.Complete();
+        bb.Complete();
+        IndexedDatasetBuilder.Commit([ba, bb]);
+        Assert.Equal(["a.bin", "a.idx", "b.bin", "b.idx"], Directory.GetFiles(_dir).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        // uint16 little-endian 5, 6 and the uint8 mask 0, 1; one sequence each of length 2.
+        Assert.Equal(new byte[] { 5, 0, 6, 0 }, File.ReadAllBytes(a + ".bin"));
+        Assert.Equal(new byte[] { 0, 1 }, File.ReadAllBytes(b + ".bin"));
+        using var da = IndexedDataset.Open(a);
+        using var db = IndexedDataset.Open(b);
+        Assert.Equal(new[] { 2 }, da.Lengths);
+        Assert.Equal(new long[] { 0, 1 }, db.Read(0));
+    }
+
     [Fact]
     public void TruncatedBin_IsANamedError()
     {
@@ -84,6 +138,7 @@ public class IndexedDatasetTests : IDisposable
     [InlineData("990,9,1", 1001, 0, 991, 991, 1000, 1000, 1001)]
     [InlineData("990,9,1", 12345, 0, 12222, 12222, 12333, 12333, 12345)]
     [InlineData("990,9,1", 150, 0, 148, 148, 150, 150, 150)]
+    [InlineData("990,9,1", 100, 0, 99, 99, 100, 100, 100)]
     [InlineData("969, 30, 1", 1000, 0, 969, 969, 999, 999, 1000)]
     [InlineData("99990,8,2", 12345, 0, 12344, 12344, 12345, 12345, 12345)]
     public void Split_FollowsMegatronsBookEndsAndRounding(string split, long n, long a0, long a1, long b0, long b1, long c0, long c1)

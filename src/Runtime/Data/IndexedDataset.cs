@@ -138,6 +138,8 @@ public sealed class IndexedDatasetBuilder : IDisposable
     private readonly string _binTemp;
     private readonly List<int> _lengths = new();
     private readonly List<long> _docs = new() { 0 };
+    private readonly string _idxTemp;
+    private bool _completed;
     private bool _finished;
 
     public IndexedDatasetBuilder(string prefix, IndexedDtype dtype)
@@ -146,7 +148,10 @@ public sealed class IndexedDatasetBuilder : IDisposable
         _dtype = dtype;
         string? dir = Path.GetDirectoryName(Path.GetFullPath(prefix));
         if (dir is not null) Directory.CreateDirectory(dir);
-        _binTemp = prefix + ".bin.tmp-" + Environment.ProcessId;
+        // Temporary names are unique per builder, so two runs (or two tests) never share one.
+        string tag = $".tmp-{Environment.ProcessId}-{Guid.NewGuid():N}";
+        _binTemp = prefix + ".bin" + tag;
+        _idxTemp = prefix + ".idx" + tag;
         _bin = new FileStream(_binTemp, FileMode.Create, FileAccess.Write);
     }
 
@@ -188,37 +193,69 @@ public sealed class IndexedDatasetBuilder : IDisposable
 
     public long Tokens => _lengths.Sum(l => (long)l);
 
-    /// <summary>Writes the index and renames both files into place.</summary>
+    /// <summary>Writes the index and renames both files into place (<see cref="Complete"/> then <see cref="Commit"/>).</summary>
     public void Finish()
     {
-        _bin.Flush();
+        Complete();
+        Commit([this]);
+    }
+
+    /// <summary>Flushes the .bin and writes the .idx, both still under their temporary names.</summary>
+    public void Complete()
+    {
+        if (_completed) throw new InvalidOperationException("The dataset was already completed.");
+        _bin.Flush(flushToDisk: true);
         _bin.Dispose();
-        string idxTemp = _prefix + ".idx.tmp-" + Environment.ProcessId;
-        using (var w = new BinaryWriter(new FileStream(idxTemp, FileMode.Create, FileAccess.Write)))
+        using (var stream = new FileStream(_idxTemp, FileMode.Create, FileAccess.Write))
         {
-            w.Write(IndexedDataset.Magic);
-            w.Write(1UL);
-            w.Write((byte)_dtype);
-            w.Write((ulong)_lengths.Count);
-            w.Write((ulong)_docs.Count);
-            foreach (int l in _lengths) w.Write(l);
-            long pointer = 0;
-            int item = IndexedDataset.ItemSize(_dtype);
-            foreach (int l in _lengths)
+            using (var w = new BinaryWriter(new BufferedStream(stream, 1 << 20), System.Text.Encoding.UTF8, leaveOpen: true))
             {
-                w.Write(pointer);
-                pointer += (long)l * item;
+                w.Write(IndexedDataset.Magic);
+                w.Write(1UL);
+                w.Write((byte)_dtype);
+                w.Write((ulong)_lengths.Count);
+                w.Write((ulong)_docs.Count);
+                foreach (int l in _lengths) w.Write(l);
+                long pointer = 0;
+                int item = IndexedDataset.ItemSize(_dtype);
+                foreach (int l in _lengths)
+                {
+                    w.Write(pointer);
+                    pointer += (long)l * item;
+                }
+                foreach (long d in _docs) w.Write(d);
             }
-            foreach (long d in _docs) w.Write(d);
+            stream.Flush(flushToDisk: true);
         }
-        File.Move(_binTemp, _prefix + ".bin", overwrite: true);
-        File.Move(idxTemp, _prefix + ".idx", overwrite: true);
-        _finished = true;
+        _completed = true;
+    }
+
+    /// <summary>
+    /// Renames completed datasets into place together. An .idx is what makes a pair look whole, so every
+    /// old .idx is removed before any new .bin arrives and every new .bin arrives before any new .idx: a run
+    /// interrupted anywhere in here leaves at worst a .bin without an .idx, never a new .bin beside an old
+    /// .idx, nor one key's new pair beside another key's old one (an SFT text/loss-mask pair stays aligned).
+    /// </summary>
+    public static void Commit(IReadOnlyList<IndexedDatasetBuilder> builders)
+    {
+        foreach (var b in builders)
+            if (!b._completed || b._finished) throw new InvalidOperationException($"{b._prefix}: commit needs a completed, uncommitted dataset.");
+        foreach (var b in builders) File.Delete(b._prefix + ".idx");
+        foreach (var b in builders) File.Move(b._binTemp, b._prefix + ".bin", overwrite: true);
+        foreach (var b in builders)
+        {
+            File.Move(b._idxTemp, b._prefix + ".idx", overwrite: true);
+            b._finished = true;
+        }
     }
 
     public void Dispose()
     {
         _bin.Dispose();
-        if (!_finished && File.Exists(_binTemp)) File.Delete(_binTemp);
+        if (!_finished)
+        {
+            File.Delete(_binTemp);
+            File.Delete(_idxTemp);
+        }
     }
 }

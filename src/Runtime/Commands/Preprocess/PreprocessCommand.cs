@@ -68,8 +68,9 @@ public static class PreprocessCommand
                 }
                 if (terminal) log.Write("\r" + Bar(Math.Min(1.0, bytesDone / (double)bytesTotal)) + " " + Progress(documents, tokens, watch.Elapsed.TotalSeconds) + "   ");
             }
-            foreach (var b in builders) b.Finish();
-            maskBuilder?.Finish();
+            var all = maskBuilder is null ? builders : [.. builders, maskBuilder];
+            foreach (var b in all) b.Complete();
+            IndexedDatasetBuilder.Commit(all);
         }
         finally
         {
