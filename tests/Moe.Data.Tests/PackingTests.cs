@@ -4,8 +4,87 @@ using Xunit;
 namespace Moe.Data.Tests;
 
 /// <summary>Packed samples with Megatron's masks (gpt_dataset._get_ltor_masks_and_position_ids), checked by hand.</summary>
-public class PackingTests
+public class PackingTests : IDisposable
 {
+    private readonly string _dir = Directory.CreateTempSubdirectory("moe-pack-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private IndexedDataset Write(params int[][] documents)
+    {
+        string prefix = Path.Combine(_dir, "d_text_document");
+        using (var b = new IndexedDatasetBuilder(prefix, IndexedDtype.UInt16))
+        {
+            foreach (var d in documents)
+            {
+                b.AddSequence(d);
+                b.EndDocument();
+            }
+            b.Finish();
+        }
+        return IndexedDataset.Open(prefix);
+    }
+
+    private static long[][] Windows(GptDataset ds, int count) =>
+        [.. Enumerable.Range(0, count).Select(i => ds.Sample(i)).Select(x => x.Tokens.Append(x.Labels[^1]).ToArray()).OrderBy(w => w[0])];
+
+    [Fact]
+    public void OneSequence_SamplesOfSPlusOneTokensOverlapByOne()
+    {
+        // Megatron's sample index: sample i covers stream tokens [i*S, i*S + S] (S + 1 tokens), so the last
+        // token of one sample is the first of the next. Stream 10..19, S = 3, 3 samples (3*3 + 1 = 10 tokens).
+        using var data = Write(Enumerable.Range(10, 10).ToArray());
+        var ds = new GptDataset(data, (0, 1), 3, new SampleOptions(3, 2, false, false, false), seed: 5);
+        Assert.Equal(3, ds.SampleCount);
+        Assert.Equal([[10, 11, 12, 13], [13, 14, 15, 16], [16, 17, 18, 19]], Windows(ds, 3));
+    }
+
+    [Fact]
+    public void TwoDocuments_PackAcrossTheBoundaryWithMegatronsMasks()
+    {
+        // Documents A = 10 11 2 and B = 20 21 22 2 (eod 2), S = 3, 2 samples = 7 tokens = one epoch.
+        // Whatever the seeded epoch order, the stream is A B or B A, cut at tokens 0..3 and 3..6.
+        using var data = Write([10, 11, 2], [20, 21, 22, 2]);
+        var options = new SampleOptions(3, 2, ResetPositionIds: true, ResetAttentionMask: true, EodMaskLoss: true);
+        var ds = new GptDataset(data, (0, 2), 2, options, seed: 11);
+        var windows = Windows(ds, 2);
+        long[][] ab = [[10, 11, 2, 20], [20, 21, 22, 2]], ba = [[2, 10, 11, 2], [20, 21, 22, 2]];
+        Assert.True(windows.SequenceEqual(ab, new SeqEq()) || windows.SequenceEqual(ba, new SeqEq()), string.Join(" | ", windows.Select(w => string.Join(",", w))));
+
+        // The window that crosses the boundary: inputs x y 2 | next document.
+        var crossing = Enumerable.Range(0, 2).Select(i => ds.Sample(i)).Single(x => x.Tokens[0] != 20);
+        if (crossing.Tokens[0] == 10)
+        {
+            // inputs 10 11 2, labels 11 2 20: EOD is the last input, so nothing after it in this sample.
+            Assert.Equal(new long[] { 0, 1, 2 }, crossing.PositionIds);
+            Assert.Equal(new float[] { 1, 1, 0 }, crossing.LossMask);
+            Assert.Equal(new long[] { 0, 0, 0 }, crossing.DocumentIds);
+        }
+        else
+        {
+            // inputs 2 10 11 (the EOD ending B, then A): positions restart after the EOD, a new document begins.
+            Assert.Equal(new long[] { 0, 0, 1 }, crossing.PositionIds);
+            Assert.Equal(new float[] { 0, 1, 1 }, crossing.LossMask);
+            Assert.Equal(new long[] { 0, 1, 1 }, crossing.DocumentIds);
+        }
+    }
+
+    [Fact]
+    public void SeedChoosesTheEpochOrder_BothOrdersOccur()
+    {
+        // Guards the previous test against a shuffle that never reorders: over 20 seeds both A-first and B-first appear.
+        using var data = Write([10, 11, 2], [20, 21, 22, 2]);
+        var options = new SampleOptions(3, 2, false, false, false);
+        var firsts = Enumerable.Range(0, 20).Select(seed => Windows(new GptDataset(data, (0, 2), 2, options, seed), 2)[0][0]).ToHashSet();
+        Assert.Equal(new HashSet<long> { 2, 10 }, firsts);
+    }
+
+    private sealed class SeqEq : IEqualityComparer<long[]>
+    {
+        public bool Equals(long[]? x, long[]? y) => x!.SequenceEqual(y!);
+        public int GetHashCode(long[] obj) => obj.Length;
+    }
+
     // Window of S + 1 = 9 tokens crossing two end-of-document tokens (eod = 2): doc A = 10 11 2, doc B = 12 2, doc C = 13 14 15 16.
     private static readonly long[] Window = [10, 11, 2, 12, 2, 13, 14, 15, 16];
 
