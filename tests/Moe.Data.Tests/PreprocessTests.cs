@@ -70,6 +70,50 @@ public class PreprocessTests : IDisposable
     }
 
     [Fact]
+    public void InvalidUtf8_NamesItsLineAndIsSkippable()
+    {
+        string input = Path.Combine(_dir, "in.jsonl");
+        File.WriteAllBytes(input, [.. "{\"text\": \"ok\"}\n{\"text\": \"caf"u8, 0xE9, .. "\"}\n{\"text\": \"end\"}"u8]);
+        string prefix = Path.Combine(_dir, "utf");
+        var (exit, err) = Run("preprocess", "--input", input, "--tokenizer", F("tokenizer.model"), "--output-prefix", prefix);
+        Assert.Equal(2, exit);
+        Assert.Contains("in.jsonl:2: not valid UTF-8", err);
+        Assert.Empty(Directory.GetFiles(_dir, "utf*"));
+
+        (exit, err) = Run("preprocess", "--input", input, "--tokenizer", F("tokenizer.model"), "--output-prefix", prefix, "--on-error", "skip");
+        Assert.True(exit == 0, err);
+        Assert.Contains("skipped 1 malformed line(s)", err);
+        using var ds = IndexedDataset.Open(prefix + "_text_document");
+        Assert.Equal(2, ds.SequenceCount);
+    }
+
+    [Fact]
+    public void CrLfLineEndingsAndLastLineWithoutNewline_GiveMegatronsFiles()
+    {
+        // JSON ignores the '\r' of "\r\n"; Python's line iteration (universal newlines) drops it too.
+        string input = Path.Combine(_dir, "crlf.jsonl");
+        File.WriteAllText(input, string.Join("\r\n", File.ReadAllLines(F("docs.jsonl"))));
+        string prefix = Path.Combine(_dir, "crlf");
+        var (exit, err) = Run("preprocess", "--input", input, "--tokenizer", F("tokenizer.model"), "--output-prefix", prefix, "--append-eod");
+        Assert.True(exit == 0, err);
+        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.idx")), File.ReadAllBytes(prefix + "_text_document.idx"));
+        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.bin")), File.ReadAllBytes(prefix + "_text_document.bin"));
+    }
+
+    [Fact]
+    public void RerunOverEarlierOutput_ReplacesItAndLeavesNoTemporaryFiles()
+    {
+        string prefix = Path.Combine(_dir, "again");
+        var (exit, err) = Run("preprocess", "--input", WriteLines("{\"text\": \"short\"}"), "--tokenizer", F("tokenizer.json"), "--output-prefix", prefix);
+        Assert.True(exit == 0, err);
+        (exit, err) = Run("preprocess", "--input", F("docs.jsonl"), "--tokenizer", F("tokenizer.json"), "--output-prefix", prefix, "--append-eod", "--workers", "2");
+        Assert.True(exit == 0, err);
+        Assert.Equal(["again_text_document.bin", "again_text_document.idx"], Directory.GetFiles(_dir, "again*").Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.bin")), File.ReadAllBytes(prefix + "_text_document.bin"));
+        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.idx")), File.ReadAllBytes(prefix + "_text_document.idx"));
+    }
+
+    [Fact]
     public void SftRecords_MaskThePromptOutOfTheLoss()
     {
         string input = WriteLines("{\"input\": \"What is MoE?\", \"output\": \"Mixture of experts.\"}");

@@ -40,8 +40,10 @@ public static class PreprocessCommand
             {
                 var encoded = new Encoded[batch.Count];
                 Parallel.For(0, batch.Count, new ParallelOptions { MaxDegreeOfParallelism = r.Workers },
-                    i => encoded[i] = Encode(batch[i].Number, batch[i].Text, keys, r, tokenizer));
-                bytesDone += batch.Sum(l => (long)System.Text.Encoding.UTF8.GetByteCount(l.Text) + 1);
+                    i => encoded[i] = batch[i].Text is null
+                        ? new Encoded(batch[i].Number, null, null, batch[i].Error)
+                        : Encode(batch[i].Number, batch[i].Text!, keys, r, tokenizer));
+                bytesDone += batch.Sum(l => (long)System.Text.Encoding.UTF8.GetByteCount(l.Text ?? "") + 1);
                 foreach (var e in encoded)
                 {
                     lineNumber = e.Line;
@@ -94,21 +96,59 @@ public static class PreprocessCommand
     private static string Progress(long documents, long tokens, double seconds) => string.Create(CultureInfo.InvariantCulture,
         $"{documents} documents, {tokens} tokens in {seconds:F1} s ({documents / Math.Max(seconds, 1e-9):F0} documents/s, {tokens / Math.Max(seconds, 1e-9):F0} tokens/s)");
 
-    private static IEnumerable<List<(long Number, string Text)>> ReadBatches(string path, int size)
+    private static readonly System.Text.UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
+    /// <summary>
+    /// Lines in batches, split on '\n' as bytes (a trailing '\r' and a leading BOM dropped) and decoded one
+    /// by one as strict UTF-8, so invalid bytes are reported against their own line instead of being
+    /// silently replaced with U+FFFD (Python's strict decoding in Megatron would stop there too).
+    /// A line that is not UTF-8 comes back with <c>Text</c> null and the reason in <c>Error</c>.
+    /// </summary>
+    private static IEnumerable<List<(long Number, string? Text, string? Error)>> ReadBatches(string path, int size)
     {
-        var batch = new List<(long, string)>(size);
+        var batch = new List<(long, string?, string?)>(size);
         long n = 0;
-        foreach (var line in File.ReadLines(path))
+        using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
+        var line = new MemoryStream();
+        var buffer = new byte[1 << 20];
+        int read;
+        while (true)
         {
-            n++;
-            batch.Add((n, line));
-            if (batch.Count == size)
+            read = stream.Read(buffer, 0, buffer.Length);
+            int start = 0;
+            for (int i = 0; i < read; i++)
             {
-                yield return batch;
-                batch = new List<(long, string)>(size);
+                if (buffer[i] != (byte)'\n') continue;
+                line.Write(buffer, start, i - start);
+                start = i + 1;
+                batch.Add(Decode(++n, line));
+                line.SetLength(0);
+                if (batch.Count == size)
+                {
+                    yield return batch;
+                    batch = new List<(long, string?, string?)>(size);
+                }
             }
+            if (read == 0) break;
+            line.Write(buffer, start, read - start);
         }
+        if (line.Length > 0) batch.Add(Decode(++n, line));
         if (batch.Count > 0) yield return batch;
+    }
+
+    private static (long, string?, string?) Decode(long number, MemoryStream line)
+    {
+        var bytes = line.GetBuffer().AsSpan(0, (int)line.Length);
+        if (number == 1 && bytes.StartsWith((ReadOnlySpan<byte>)[0xEF, 0xBB, 0xBF])) bytes = bytes[3..];
+        if (bytes.Length > 0 && bytes[^1] == (byte)'\r') bytes = bytes[..^1];
+        try
+        {
+            return (number, StrictUtf8.GetString(bytes), null);
+        }
+        catch (System.Text.DecoderFallbackException e)
+        {
+            return (number, null, $"not valid UTF-8 (byte 0x{e.BytesUnknown?.FirstOrDefault():X2} at byte offset {e.Index} of the line)");
+        }
     }
 
     private static Encoded Encode(long line, string text, string[] keys, Request r, ITokenizer tokenizer)
