@@ -79,6 +79,30 @@ public class PackingTests : IDisposable
         Assert.Equal(new HashSet<long> { 2, 10 }, firsts);
     }
 
+    [Fact]
+    public void BatchIterator_LaysSamplesOutRowMajorInSampleOrder()
+    {
+        // Stream 10..19, S = 3: the three windows of OneSequence_... in the dataset's sample order, as [B, S] rows.
+        using var data = Write(Enumerable.Range(10, 10).ToArray());
+        var ds = new GptDataset(data, (0, 1), 3, new SampleOptions(3, 2, false, false, false), seed: 5);
+        var it = new GptBatchIterator(ds);
+        var first = it.Next(2);
+        var second = it.Next(1);
+        Assert.Equal(3, it.Position);
+        Assert.Equal((2, 3), (first.BatchSize, first.SequenceLength));
+        long[][] rows = [first.Tokens[..3], first.Tokens[3..], second.Tokens];
+        Assert.Equal([[10, 11, 12], [13, 14, 15], [16, 17, 18]], rows.OrderBy(r => r[0]));
+        for (int r = 0; r < 3; r++)
+        {
+            // Labels are each row's tokens shifted by one; positions 0 1 2 without resets.
+            var tokens = r < 2 ? first.Tokens[(r * 3)..(r * 3 + 3)] : second.Tokens;
+            var labels = r < 2 ? first.Labels[(r * 3)..(r * 3 + 3)] : second.Labels;
+            Assert.Equal(tokens.Select(t => t + 1), labels);
+        }
+        Assert.Equal(new long[] { 0, 1, 2, 0, 1, 2 }, first.PositionIds);
+        Assert.Throws<ArgumentOutOfRangeException>(() => it.Next(1));
+    }
+
     private sealed class SeqEq : IEqualityComparer<long[]>
     {
         public bool Equals(long[]? x, long[]? y) => x!.SequenceEqual(y!);

@@ -12,6 +12,30 @@ namespace Moe.Runtime.Data;
 /// reset_attention_mask asks for document-causal attention; all zero otherwise.</param>
 public sealed record GptSample(long[] Tokens, long[] Labels, float[] LossMask, long[] PositionIds, long[] DocumentIds);
 
+/// <summary>
+/// <see cref="GptDataset.Batch"/>'s result: B samples laid out row-major as [B, S] arrays, ready for
+/// <c>torch.tensor(array).view(B, S)</c>. Same meaning per row as <see cref="GptSample"/>.
+/// </summary>
+public sealed record GptBatch(int BatchSize, int SequenceLength, long[] Tokens, long[] Labels, float[] LossMask, long[] PositionIds, long[] DocumentIds);
+
+/// <summary>
+/// Walks a <see cref="GptDataset"/> in its (shuffled) sample order: each <see cref="Next"/> returns the
+/// following micro-batch. Repeatable: the same dataset and seed give the same batches.
+/// </summary>
+public sealed class GptBatchIterator(GptDataset dataset, long firstSample = 0)
+{
+    /// <summary>Index of the next sample to hand out.</summary>
+    public long Position { get; private set; } = firstSample;
+
+    /// <summary>The next <paramref name="microBatchSize"/> samples; fails when the dataset has fewer left.</summary>
+    public GptBatch Next(int microBatchSize)
+    {
+        var batch = dataset.Batch(Position, microBatchSize);
+        Position += microBatchSize;
+        return batch;
+    }
+}
+
 /// <summary>Megatron's sample settings (--seq-length, --reset-position-ids, --reset-attention-mask, --eod-mask-loss).</summary>
 public sealed record SampleOptions(int SequenceLength, int EodId, bool ResetPositionIds, bool ResetAttentionMask, bool EodMaskLoss)
 {
@@ -129,6 +153,26 @@ public sealed class GptDataset
         if (maskWindow is not null)
             for (int i = 0; i < s; i++) sample.LossMask[i] *= maskWindow[i + 1]; // position i predicts token i+1
         return sample;
+    }
+
+    /// <summary>Samples [first, first + size) as one [size, S] batch.</summary>
+    public GptBatch Batch(long first, int size)
+    {
+        if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), size, "A batch needs at least one sample.");
+        if (first < 0 || first + size > SampleCount)
+            throw new ArgumentOutOfRangeException(nameof(first), first, $"Samples [{first}, {first + size}) lie outside the dataset's {SampleCount} samples.");
+        int s = _options.SequenceLength;
+        var b = new GptBatch(size, s, new long[size * s], new long[size * s], new float[size * s], new long[size * s], new long[size * s]);
+        for (int i = 0; i < size; i++)
+        {
+            var x = Sample(first + i);
+            x.Tokens.CopyTo(b.Tokens, i * s);
+            x.Labels.CopyTo(b.Labels, i * s);
+            x.LossMask.CopyTo(b.LossMask, i * s);
+            x.PositionIds.CopyTo(b.PositionIds, i * s);
+            x.DocumentIds.CopyTo(b.DocumentIds, i * s);
+        }
+        return b;
     }
 
     /// <summary>Inputs, labels and Megatron's masks from S + 1 consecutive tokens.</summary>
