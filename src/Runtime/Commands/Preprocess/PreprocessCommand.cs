@@ -116,9 +116,9 @@ public static class PreprocessCommand
         {
             read = stream.Read(buffer, 0, buffer.Length);
             int start = 0;
-            for (int i = 0; i < read; i++)
+            for (int i; (i = buffer.AsSpan(start, read - start).IndexOf((byte)'\n')) >= 0;)
             {
-                if (buffer[i] != (byte)'\n') continue;
+                i += start;
                 line.Write(buffer, start, i - start);
                 start = i + 1;
                 batch.Add(Decode(++n, line));
