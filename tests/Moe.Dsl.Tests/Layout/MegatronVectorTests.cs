@@ -75,6 +75,20 @@ public class MegatronVectorTests
     }
 
     [Fact]
+    public void LayoutVerb_PpDpOrderWithUnequalDataParallel_ExitsTwoWithTheArithmetic()
+    {
+        // W 16, TP 2, PP 2, EP 4, ETP 1 under tp-cp-ep-pp-dp: DP = 16/(2·1·2) = 4 but EDP = 16/(1·4·2) = 2 (R005).
+        var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(),
+            ["layout", "--gpus", "16", "--tp", "2", "--pp", "2", "--ep", "4", "--etp", "1", "--order", "tp-cp-ep-pp-dp"]));
+        Assert.Equal(2, exit);
+        Assert.Contains("MOE0005", err);
+        Assert.Contains("16 / (1·4·2) = 2", err);
+        Assert.Contains("16 / (2·1·2) = 4", err);
+        Assert.Contains("TpCpEpDpPp", err);
+        Assert.DoesNotContain("   at ", err);
+    }
+
+    [Fact]
     public void LayoutVerb_NegativeSize_ExitsTwo()
     {
         var (exit, _, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "8", "--pp", "-1"]));

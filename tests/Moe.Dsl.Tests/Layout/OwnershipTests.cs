@@ -32,6 +32,19 @@ public class OwnershipTests
     }
 
     [Fact]
+    public void VirtualPipeline_WithUnevenFirstAndLast_ChunksFollowMegatronsOffsets()
+    {
+        // L = 16, PP = 4, v = 2, first 2, last 2: stage counts 2, 6, 6, 2; each chunk spans L/v = 8 layers,
+        // stage p's chunk holds count/v layers after the earlier stages' count/v (1 + 3 + 3 + 1 = 8).
+        Assert.Equal(new[] { new LayerRange(0, 1), new LayerRange(8, 1) }, PipelineSplit.LayersOfStage(0, 16, 4, 2, firstStage: 2, lastStage: 2));
+        Assert.Equal(new[] { new LayerRange(1, 3), new LayerRange(9, 3) }, PipelineSplit.LayersOfStage(1, 16, 4, 2, firstStage: 2, lastStage: 2));
+        Assert.Equal(new[] { new LayerRange(4, 3), new LayerRange(12, 3) }, PipelineSplit.LayersOfStage(2, 16, 4, 2, firstStage: 2, lastStage: 2));
+        Assert.Equal(new[] { new LayerRange(7, 1), new LayerRange(15, 1) }, PipelineSplit.LayersOfStage(3, 16, 4, 2, firstStage: 2, lastStage: 2));
+        // A first-stage count of 3 cannot be cut into 2 chunks (R041).
+        Assert.Throws<ArgumentException>(() => PipelineSplit.LayersOfStage(0, 16, 4, 2, firstStage: 3, lastStage: 1));
+    }
+
+    [Fact]
     public void Experts_AreContiguousBlocksPerEpRank()
     {
         Assert.Equal(new LayerRange(0, 2), ExpertSplit.ExpertsOfRank(0, 8, 4));
