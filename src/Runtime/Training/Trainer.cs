@@ -128,9 +128,7 @@ public sealed class Trainer : IDisposable
             if (_mixed)
                 for (int i = 0; i < _params.Length; i++)
                     _master[i].grad = _params[i].grad?.to(ScalarType.Float32);
-            double gradNorm = t.ClipGrad > 0
-                ? torch.nn.utils.clip_grad_norm_(_master, t.ClipGrad)
-                : GradNorm(_master);
+            double gradNorm = ClipGradients(_master, t.ClipGrad);
             _optimizer.step();
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
             if (_mixed)
@@ -148,6 +146,14 @@ public sealed class Trainer : IDisposable
         if (terminal) Console.Error.WriteLine();
         return new TrainResult(history);
     }
+
+    /// <summary>
+    /// Global-norm clipping (Megatron's --clip-grad): when the L2 norm of all gradients together exceeds
+    /// <paramref name="maxNorm"/>, every gradient is scaled by maxNorm / norm; 0 turns clipping off.
+    /// Returns the norm before clipping (what the metrics report as grad_norm).
+    /// </summary>
+    public static double ClipGradients(IReadOnlyList<Parameter> parameters, double maxNorm) =>
+        maxNorm > 0 ? torch.nn.utils.clip_grad_norm_(parameters, maxNorm) : GradNorm(parameters);
 
     private static double GradNorm(IEnumerable<Parameter> ps) =>
         Math.Sqrt(ps.Where(p => p.grad is not null).Sum(p => Math.Pow(p.grad!.to(ScalarType.Float32).norm().item<float>(), 2)));
