@@ -66,8 +66,8 @@ public sealed class Trainer : IDisposable
             ? _params.Select(p => new Parameter(p.detach().to(ScalarType.Float32).clone())).ToArray()
             : _params;
         var t = settings.Training;
-        var decay = _master.Where(p => p.dim() >= 2).ToArray();
-        var noDecay = _master.Where(p => p.dim() < 2).ToArray();
+        var decay = _master.Where(Decays).ToArray();
+        var noDecay = _master.Where(p => !Decays(p)).ToArray();
         _optimizer = torch.optim.AdamW(new[]
         {
             new AdamW.ParamGroup(decay, new AdamW.Options { LearningRate = t.LearningRate, weight_decay = t.WeightDecay, beta1 = t.AdamBeta1, beta2 = t.AdamBeta2, eps = t.AdamEps }),
@@ -76,6 +76,13 @@ public sealed class Trainer : IDisposable
     }
 
     public MixtralModel Model => _model;
+
+    /// <summary>
+    /// Whether weight decay applies to a parameter. Megatron's convention (get_param_groups): matrices
+    /// (linear, expert, router and embedding weights) decay; 1-D parameters — norm weights and biases — do not.
+    /// Mixtral has no biases, so in practice the RMSNorm weights are the exempt ones.
+    /// </summary>
+    public static bool Decays(Parameter p) => p.dim() >= 2;
 
     public TrainResult Run(ISampleSource data, TextWriter log, MetricsWriter metrics, int logEvery = 1, Action<int>? afterStep = null)
     {

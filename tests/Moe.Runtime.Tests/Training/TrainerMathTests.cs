@@ -1,5 +1,7 @@
 using Moe.Dsl;
 using Moe.Runtime.Commands.Train;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
 using Moe.Runtime.Training;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -87,5 +89,17 @@ public class TrainerMathTests
         Assert.Equal(b.LmLoss, a.LmLoss, 4);
         Assert.Equal(b.GradNorm, a.GradNorm, 3);
         Assert.Equal(b.TokensPerExpert.Single().Sum(), a.TokensPerExpert.Single().Sum());
+    }
+
+    [Fact]
+    public void WeightDecay_SkipsExactlyTheNormWeights()
+    {
+        // Mixtral has no biases; its 1-D parameters are the two RMSNorms of each layer and the final norm.
+        var settings = new Moe.Recipes.TinyMixtral().ToSettings() with { Model = Model.TinyMixtral with { Layers = 2 } };
+        using var model = new MixtralModel(MixtralConfig.From(settings.Model), MoeOptions.From(settings), ScalarType.Float32, CPU);
+        var exempt = model.named_parameters().Where(np => !Trainer.Decays(np.parameter)).Select(np => np.name).ToArray();
+        Assert.Equal(2 * 2 + 1, exempt.Length);
+        Assert.All(exempt, name => Assert.EndsWith("norm", name));
+        Assert.Contains(model.named_parameters(), np => np.name.Contains("embed") && Trainer.Decays(np.parameter));
     }
 }
