@@ -8,20 +8,22 @@ namespace Moe.Runtime.Training;
 public sealed record StepMetrics(int Step, double Loss, double LmLoss, double AuxLoss, double ZLoss, double Lr, double GradNorm,
     long[][] TokensPerExpert, double DropRate, double TokensPerSecond)
 {
+    /// <summary>The JSON line; a non-finite number (JSON has none) is written as null.</summary>
     public string ToJson()
     {
-        var o = new Dictionary<string, object>
+        static object? N(double v) => double.IsFinite(v) ? v : null;
+        var o = new Dictionary<string, object?>
         {
             ["step"] = Step,
-            ["loss"] = Loss,
-            ["lm_loss"] = LmLoss,
-            ["aux_loss"] = AuxLoss,
-            ["z_loss"] = ZLoss,
-            ["lr"] = Lr,
-            ["grad_norm"] = GradNorm,
+            ["loss"] = N(Loss),
+            ["lm_loss"] = N(LmLoss),
+            ["aux_loss"] = N(AuxLoss),
+            ["z_loss"] = N(ZLoss),
+            ["lr"] = N(Lr),
+            ["grad_norm"] = N(GradNorm),
             ["tokens_per_expert"] = TokensPerExpert,
-            ["drop_rate"] = DropRate,
-            ["tokens_per_s"] = TokensPerSecond,
+            ["drop_rate"] = N(DropRate),
+            ["tokens_per_s"] = N(TokensPerSecond),
         };
         return JsonSerializer.Serialize(o);
     }

@@ -136,6 +136,12 @@ public sealed class Trainer : IDisposable
                 for (int i = 0; i < _params.Length; i++)
                     _master[i].grad = _params[i].grad?.to(ScalarType.Float32);
             double gradNorm = ClipGradients(_master, t.ClipGrad);
+            if (!double.IsFinite(gradNorm))
+            {
+                string last = history.Count == 0 ? "no step completed" : $"the last good step was {history[^1].Step} (loss {history[^1].Loss:G5})";
+                throw new UserError($"The gradient norm became {(double.IsNaN(gradNorm) ? "NaN" : "infinite")} at step {step} (the loss was {loss:G5}); {last}. Training stopped before the optimizer step, " +
+                    $"so the weights are those after step {step - 1}. Lower the learning rate (it was {lr:G3}) or check the data.");
+            }
             _optimizer.step();
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
             if (_mixed)
