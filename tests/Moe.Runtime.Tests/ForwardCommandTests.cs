@@ -106,6 +106,19 @@ public class ForwardCommandTests : IDisposable
     }
 
     [Fact]
+    public void MalformedShardIndex_IsANamedErrorNotAStackTrace()
+    {
+        string ckpt = Path.Combine(_dir, "bad-index");
+        Directory.CreateDirectory(ckpt);
+        File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
+        File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"weight_map\": {");
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        Assert.Equal(2, exit);
+        Assert.Contains("model.safetensors.index.json: not valid JSON", err);
+        Assert.DoesNotContain("   at ", err);
+    }
+
+    [Fact]
     public void ShardedCheckpoint_LoadsLikeTheSingleFile()
     {
         // Split the fixture into two shards with an index, as the hub does for large models.

@@ -158,7 +158,7 @@ public static class MixtralStateDictAdapter
         var files = new List<SafetensorsFile>();
         if (File.Exists(index))
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(index));
+            using var doc = JsonFile.Parse(index);
             if (!doc.RootElement.TryGetProperty("weight_map", out var map))
                 throw new UserError($"{index}: no \"weight_map\"; a sharded checkpoint's index maps every tensor to its shard.");
             var opened = new Dictionary<string, SafetensorsFile>(StringComparer.Ordinal);

@@ -64,16 +64,7 @@ public sealed record MixtralConfig
     public static MixtralConfig Load(string path)
     {
         if (!File.Exists(path)) throw new UserError($"{path}: no config.json; a Hugging Face model directory holds config.json and model*.safetensors.");
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(File.ReadAllText(path));
-        }
-        catch (JsonException e)
-        {
-            throw new UserError($"{path}: not valid JSON ({e.Message}).");
-        }
-        using (doc)
+        using (var doc = JsonFile.Parse(path))
         {
             var root = doc.RootElement;
             if (root.TryGetProperty("model_type", out var type) && type.GetString() is string t && t != "mixtral")

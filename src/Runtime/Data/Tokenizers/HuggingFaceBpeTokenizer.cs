@@ -25,16 +25,7 @@ public sealed class HuggingFaceBpeTokenizer : ITokenizer
     public static HuggingFaceBpeTokenizer Load(string path)
     {
         var t = new HuggingFaceBpeTokenizer();
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(File.ReadAllText(path));
-        }
-        catch (JsonException e)
-        {
-            throw new UserError($"{path}: not valid JSON ({e.Message}).");
-        }
-        using (doc)
+        using (var doc = JsonFile.Parse(path))
         {
             var root = doc.RootElement;
             if (!root.TryGetProperty("model", out var model) || model.GetProperty("type").GetString() != "BPE")
