@@ -47,6 +47,43 @@ public class ExpertsTests
     }
 
     [Fact]
+    public void GroupedNode_SumsWeightGradientsOverBackwardCalls_AndLeavesFrozenWeightsAlone()
+    {
+        // The grouped node accumulates its weight gradients itself: a second backward adds to .grad as
+        // autograd's accumulator would, and a weight without requires_grad gets none.
+        var gen = new torch.Generator(11);
+        var rows = torch.randn(6, 8, generator: gen);
+        var counts = torch.tensor(new long[] { 2, 1, 3, 0 });
+        using var experts = new Experts(4, 8, 4, ScalarType.Float32, CPU);
+        using (torch.no_grad())
+        {
+            experts.GateUp.copy_(torch.randn(4, 8, 8, generator: gen) * 0.3);
+            experts.Down.copy_(torch.randn(4, 8, 4, generator: gen) * 0.3);
+        }
+        Assert.True(experts.UsesGroupedGemm(rows));
+        var x = rows.detach().requires_grad_(true);
+        experts.Forward(x, counts).square().sum().backward();
+        var once = (experts.GateUp.grad!.clone(), experts.Down.grad!.clone(), x.grad!.clone());
+        experts.Forward(x, counts).square().sum().backward();
+        Assert.True(torch.allclose(experts.GateUp.grad!, 2 * once.Item1, rtol: 1e-6, atol: 1e-7));
+        Assert.True(torch.allclose(experts.Down.grad!, 2 * once.Item2, rtol: 1e-6, atol: 1e-7));
+        Assert.True(torch.allclose(x.grad!, 2 * once.Item3, rtol: 1e-6, atol: 1e-7));
+
+        experts.GateUp.grad = null;
+        experts.Down.grad = null;
+        experts.Down.requires_grad_(false);
+        experts.Forward(rows, counts).sum().backward();
+        Assert.NotNull(experts.GateUp.grad);
+        Assert.Null(experts.Down.grad);
+    }
+
+    [Fact]
+    public void FusedSwiGluKernels_AreNotUsedOffCuda()
+    {
+        Assert.False(SwiGluKernels.Apply(torch.zeros(4, 8, dtype: ScalarType.BFloat16), 16));
+    }
+
+    [Fact]
     public void Row_GoesThroughItsExpertsSwiGlu()
     {
         // Row 4 (the second of expert 2's rows when counts are 3, 0, 5, 2) by the formula

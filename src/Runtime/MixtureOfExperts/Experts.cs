@@ -17,7 +17,8 @@ namespace Moe.Runtime.MixtureOfExperts;
 /// <remarks>
 /// Rows are computed by expert with grouped GEMMs (torch._grouped_mm through TorchScript: 561 TFLOP/s on
 /// an H200 against 247 for a per-expert loop, docs/performance.md) where the kernel runs — CPU, and CUDA in
-/// bf16 on sm90+ — and by a per-expert loop otherwise (fp32 on CUDA). Both are tested equal.
+/// bf16 on sm90+ — as one autograd node (<see cref="GroupedSwiGlu"/>), and by a per-expert loop otherwise
+/// (fp32 on CUDA). Both are tested equal, gradients included.
 /// </remarks>
 public sealed class Experts : nn.Module
 {
@@ -59,7 +60,7 @@ public sealed class Experts : nn.Module
     public Tensor Forward(Tensor rowsRH, Tensor rowsPerExpertE)
     {
         if (UsesGroupedGemm(rowsRH))
-            return Kernels.SwigluGrouped(rowsRH, gate_up, down, rowsPerExpertE.cumsum(0).to(ScalarType.Int32));
+            return GroupedSwiGlu.Apply(rowsRH, gate_up, down, rowsPerExpertE.cumsum(0).to(ScalarType.Int32));
         return Loop(rowsRH, rowsPerExpertE);
     }
 

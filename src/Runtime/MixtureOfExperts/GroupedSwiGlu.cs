@@ -1,0 +1,119 @@
+using Moe.Runtime.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.MixtureOfExperts;
+
+// Shape legend
+//   R  rows sorted by expert   H  hidden size   I  expert FFN width   E  experts
+
+/// <summary>
+/// The grouped SwiGLU experts as one autograd node, so the backward keeps only the rows [R, H] and the
+/// gate/up projections [R, 2I]. Differentiating the three ATen calls instead keeps also SiLU(g) and
+/// SiLU(g)·u ([R, I] each, 235 MB per layer for Mixtral-8x7B at 4096 tokens); here the product is
+/// recomputed in the backward from what is kept (docs/performance.md). On CUDA in bf16 the element-wise
+/// SwiGLU work runs in <see cref="SwiGluKernels"/>; elsewhere in ATen ops with the same results.
+/// </summary>
+/// <remarks>
+/// <para>
+/// The weight gradients are accumulated into <c>gate_up.grad</c> and <c>down.grad</c> by the backward
+/// itself and not handed to autograd: TorchSharp keeps a handle on every tensor a managed backward returns,
+/// so autograd's accumulator would see a second owner and copy the gradient (1.9 GB per layer for 8x7B).
+/// Megatron-Core's gradient-accumulation fusion writes into <c>main_grad</c> the same way. The consequence:
+/// <c>torch.autograd.grad</c> with respect to expert weights returns nothing; <c>backward()</c> fills
+/// <c>.grad</c> as usual (summing when it is already set).
+/// </para>
+/// <para>
+/// The row gradient is handed to autograd; its managed handle is released at the next call of this node
+/// (forward or backward) or by <see cref="ReleaseHandedBack"/>, so the engine frees the buffer once the
+/// dispatcher's backward has used it.
+/// </para>
+/// </remarks>
+public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedSwiGlu>
+{
+    private static readonly List<Tensor> HandedBack = new();
+
+    public override string Name => nameof(GroupedSwiGlu);
+
+    /// <summary>Expert_e(row) for rows sorted by expert; offsets are the cumulative row counts (int32 [E]).</summary>
+    public static Tensor Apply(Tensor rowsRH, Tensor gateUpE2IH, Tensor downEHI, Tensor offsetsE)
+    {
+        ReleaseHandedBack();
+        return apply(rowsRH, gateUpE2IH, downEHI, offsetsE);
+    }
+
+    /// <summary>Drops the handles of row gradients already given to autograd (call after <c>backward()</c> to free them at once).</summary>
+    public static void ReleaseHandedBack()
+    {
+        lock (HandedBack)
+        {
+            foreach (var t in HandedBack) t.Dispose();
+            HandedBack.Clear();
+        }
+    }
+
+    public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
+    {
+        var (rows, gateUp, down, offsets) = ((Tensor)vars[0], (Tensor)vars[1], (Tensor)vars[2], (Tensor)vars[3]);
+        var gu = Kernels.GroupedMm(rows, gateUp.transpose(1, 2), offsets);
+        long ffn = down.shape[2];
+        using var act = SwiGluKernels.Apply(rows, ffn)
+            ? SwiGluKernels.Forward(gu)
+            : nn.functional.silu(gu.narrow(-1, 0, ffn)) * gu.narrow(-1, ffn, ffn);
+        var outRH = Kernels.GroupedMm(act, down.transpose(1, 2), offsets);
+        ctx.save_for_backward([rows, gu, gateUp, down, offsets]);
+        return outRH;
+    }
+
+    public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH)
+    {
+        ReleaseHandedBack();
+        Tensor dRows;
+        using (var scope = torch.NewDisposeScope())
+        {
+            var saved = ctx.get_saved_variables();
+            var (rows, gu, gateUp, down, offsets) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
+            // torch._grouped_mm rejects zero strides (the gradient of a sum arrives expanded).
+            var dOut = gradOutRH.is_contiguous() ? gradOutRH : gradOutRH.contiguous();
+            // Each intermediate goes as soon as it has been used: ∂act, then act, then ∂gu.
+            var dAct = Kernels.GroupedMm(dOut, down, offsets);
+            var (dGu, act) = SwiGluKernels.Apply(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
+            dAct.Dispose();
+            Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets));
+            act.Dispose();
+            Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets));
+            dRows = Kernels.GroupedMm(dGu, gateUp, offsets).DetachFromDisposeScope();
+            dGu.Dispose();
+            foreach (var t in saved) t.Dispose();
+        }
+        gradOutRH.Dispose();
+        lock (HandedBack) HandedBack.Add(dRows);
+        return [dRows, null!, null!, null!];
+    }
+
+    /// <summary>
+    /// The SwiGLU backward in ATen ops, as autograd differentiates SiLU(g)·u (the path off bf16 CUDA, and the
+    /// reference the fused kernel is compared with): (∂gu = [∂g | ∂u], act).
+    /// </summary>
+    private static (Tensor DGateUp, Tensor Act) SwiGluBackward(Tensor dActRI, Tensor guR2I)
+    {
+        long ffn = guR2I.shape[1] / 2;
+        var g = guR2I.narrow(-1, 0, ffn);
+        var u = guR2I.narrow(-1, ffn, ffn);
+        var s = nn.functional.silu(g);
+        var dg = Kernels.SiluBackward(dActRI * u, g);
+        return (torch.cat([dg, dActRI * s], -1), s * u);
+    }
+
+    /// <summary>weight.grad += g, or weight.grad = g when unset (the tensor is then owned by the weight); g's handle is released.</summary>
+    private static void Accumulate(Tensor weight, Tensor g)
+    {
+        if (weight.requires_grad)
+        {
+            using var existing = weight.grad;
+            if (existing is null) weight.grad = g;
+            else existing.add_(g);
+        }
+        g.Dispose();
+    }
+}
