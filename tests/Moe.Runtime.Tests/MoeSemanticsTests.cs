@@ -24,6 +24,28 @@ public class MoeSemanticsTests
     }
 
     [Fact]
+    public void CountPerExpert_CountsEachIdIncludingAbsentOnes()
+    {
+        // Hand count: expert 0 twice, 1 never, 2 three times, 3 once.
+        var counts = LocalTokenDispatcher.CountPerExpert(torch.tensor(new long[] { 2, 0, 2, 3, 0, 2 }), 4);
+        Assert.Equal(new long[] { 2, 0, 3, 1 }, counts.data<long>().ToArray());
+    }
+
+    [Fact]
+    public void Permute_SortsPairsByExpertKeepingTokenOrder()
+    {
+        // Tokens 0..2 with top-2 experts (1, 0), (0, 2), (1, 2): rows by expert are
+        // e0: tokens 0, 1; e1: tokens 0, 2; e2: tokens 1, 2.
+        var hidden = torch.arange(3 * 2, dtype: ScalarType.Float32).view(3, 2);
+        var routing = new Routing(torch.zeros(3, 3), torch.zeros(3, 3), torch.full(3, 2, 0.5f),
+            torch.tensor(new long[] { 1, 0, 0, 2, 1, 2 }).view(3, 2));
+        var d = LocalTokenDispatcher.Permute(hidden, routing, 3, new MoeOptions { TopK = 2 });
+        Assert.Equal(new long[] { 0, 1, 0, 2, 1, 2 }, d.TokenOfRowR.data<long>().ToArray());
+        Assert.Equal(new long[] { 2, 2, 2 }, d.RowsPerExpertE.data<long>().ToArray());
+        Assert.Equal(new float[] { 0, 1, 2, 3, 0, 1, 4, 5, 2, 3, 4, 5 }, d.RowsRH.data<float>().ToArray());
+    }
+
+    [Fact]
     public void DropPolicyProbs_KeepsTheHighestWeightsOfAnOverfullExpert()
     {
         // Expert 0 gets tokens 0,1,2 with weights 0.5, 0.9, 0.7; capacity 2 keeps tokens 1 and 2.

@@ -1,3 +1,4 @@
+using Moe.Runtime.Devices;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -22,6 +23,13 @@ public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch D
 
     /// <summary>Fraction of routed pairs dropped by capacity (fp32 scalar; 0 when dropless).</summary>
     public Tensor DropRate => Dispatch.DropRate;
+
+    /// <summary>Every tensor the record holds (to move them out of a dispose scope together).</summary>
+    public IEnumerable<Tensor> Tensors() =>
+    [
+        HiddenTH, Routing.LogitsTE, Routing.ScoresTE, Routing.WeightsTK, Routing.ExpertsTK,
+        Dispatch.RowsRH, Dispatch.TokenOfRowR, Dispatch.WeightOfRowR, Dispatch.RowsPerExpertE, Dispatch.RoutedPerExpertE, Dispatch.KeptPerExpertE,
+    ];
 }
 
 /// <summary>
@@ -78,9 +86,14 @@ public sealed class MoeLayer : nn.Module
     public MoeLayerOutput Forward(Tensor hiddenTH)
     {
         var routing = TopKRouter.Route(hiddenTH, gate, Options);
+        HostTrace.Mark("router");
         var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
+        HostTrace.Mark("permute");
         var outputsRH = experts.Forward(dispatch.RowsRH, dispatch.RowsPerExpertE);
-        return new MoeLayerOutput(LocalTokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
+        HostTrace.Mark("experts");
+        var output = new MoeLayerOutput(LocalTokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
+        HostTrace.Mark("unpermute");
+        return output;
     }
 
     protected override void Dispose(bool disposing)

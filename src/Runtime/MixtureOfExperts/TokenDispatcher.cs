@@ -69,9 +69,11 @@ public static class LocalTokenDispatcher
         int k = options.TopK;
         var flatExperts = routing.ExpertsTK.flatten();                               // [T·K]
         var flatWeights = routing.WeightsTK.flatten();                               // [T·K]
-        var flatTokens = torch.arange(tokens, device: hiddenTH.device).repeat_interleave(k); // [T·K]
-        var routed = torch.bincount(flatExperts, minlength: experts);
+        // Token of each pair, t = pair / K. (repeat_interleave would read its output size back from the device.)
+        var flatTokens = torch.arange(tokens * k, device: hiddenTH.device).div(k, rounding_mode: RoundingMode.floor); // [T·K]
+        var routed = CountPerExpert(flatExperts, experts);
         var keptPerExpert = routed;
+        var rowsPerExpert = routed;
 
         if (options.CapacityFactor is double factor)
         {
@@ -81,16 +83,17 @@ public static class LocalTokenDispatcher
             flatExperts = flatExperts.index_select(0, kept);
             flatWeights = flatWeights.index_select(0, kept);
             flatTokens = flatTokens.index_select(0, kept);
-            keptPerExpert = torch.bincount(flatExperts, minlength: experts);
+            keptPerExpert = CountPerExpert(flatExperts, experts);
+            rowsPerExpert = keptPerExpert;
             if (options.PadToCapacity)
             {
-                var perExpert = torch.bincount(flatExperts, minlength: experts);
-                var missing = (capacity - perExpert).clamp_min(0);
+                var missing = (capacity - keptPerExpert).clamp_min(0);
                 var padExperts = torch.repeat_interleave(torch.arange(experts, device: hiddenTH.device), missing);
                 long pads = padExperts.shape[0];
                 flatExperts = torch.cat(new[] { flatExperts, padExperts });
                 flatWeights = torch.cat(new[] { flatWeights, torch.zeros(pads, dtype: flatWeights.dtype, device: hiddenTH.device) });
                 flatTokens = torch.cat(new[] { flatTokens, torch.zeros(pads, dtype: ScalarType.Int64, device: hiddenTH.device) });
+                rowsPerExpert = CountPerExpert(flatExperts, experts);
             }
         }
 
@@ -100,7 +103,7 @@ public static class LocalTokenDispatcher
             hiddenTH.index_select(0, tokenOfRow),
             tokenOfRow,
             flatWeights.index_select(0, order),
-            torch.bincount(flatExperts, minlength: experts),
+            rowsPerExpert,
             routed,
             keptPerExpert);
     }
@@ -115,6 +118,13 @@ public static class LocalTokenDispatcher
         return torch.zeros(tokens, outputsRH.shape[1], dtype: outputsRH.dtype, device: outputsRH.device)
             .index_add(0, d.TokenOfRowR, weighted, 1);
     }
+
+    /// <summary>
+    /// Occurrences of each expert id, int64 [E]. torch.bincount would do, but on CUDA it reads the largest id
+    /// back to the host (a synchronisation that stalls the launch queue every layer); a scatter-add does not.
+    /// </summary>
+    public static Tensor CountPerExpert(Tensor expertIds, int experts) =>
+        torch.zeros(experts, dtype: ScalarType.Int64, device: expertIds.device).scatter_add_(0, expertIds, torch.ones_like(expertIds));
 
     /// <summary>Megatron's capacity: ceil(T·K / E · factor).</summary>
     public static long Capacity(long tokens, int topK, int experts, double factor) =>
@@ -136,7 +146,7 @@ public static class LocalTokenDispatcher
             (_, order) = flatExperts.sort(stable: true);
         }
         var sortedExperts = flatExperts.index_select(0, order);
-        var counts = torch.bincount(sortedExperts, minlength: experts);
+        var counts = CountPerExpert(sortedExperts, experts);
         var starts = counts.cumsum(0) - counts;
         var rankInExpert = torch.arange(order.shape[0], device: order.device) - starts.index_select(0, sortedExperts);
         var keepSorted = rankInExpert.lt(capacity);

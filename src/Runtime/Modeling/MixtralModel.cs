@@ -1,3 +1,4 @@
+using Moe.Runtime.Devices;
 using Moe.Runtime.MixtureOfExperts;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -30,12 +31,21 @@ public sealed class DecoderLayer : nn.Module
     public Attention SelfAttention => self_attn;
     public MoeLayer Moe => mlp;
 
+    /// <remarks>
+    /// Runs in its own dispose scope: the intermediate tensors' handles are released when the layer returns, so
+    /// autograd alone decides what stays for the backward, as in PyTorch (handles kept until the end of the step
+    /// would hold every temporary — RoPE, projections, the weighted expert outputs — through the backward).
+    /// </remarks>
     public (Tensor HiddenBSH, MoeLayerOutput Moe) Forward(Tensor xBSH, (Tensor, Tensor) rope, Tensor? mask)
     {
+        using var scope = torch.NewDisposeScope();
         xBSH = xBSH + self_attn.Forward(Kernels.RmsNorm(xBSH, input_layernorm, eps), rope, mask);
+        HostTrace.Mark("attention");
         long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
         var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h));
-        return (xBSH + moe.HiddenTH.view(b, s, h), moe);
+        var outBSH = xBSH + moe.HiddenTH.view(b, s, h);
+        scope.MoveToOuter(moe.Tensors().Append(outBSH));
+        return (outBSH, moe);
     }
 }
 
@@ -150,29 +160,44 @@ public sealed class MixtralModel : nn.Module
         }
 
         var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
+        HostTrace.Mark("embedding");
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
         foreach (var layer in layers)
         {
             (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
             moeOutputs.Add(moe);
         }
-        var logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps), lm_head);
-
-        Tensor? lmLoss = null;
-        if (labelsBS is not null)
+        Tensor? logitsBSV, lmLoss = null;
+        using (var head = torch.NewDisposeScope())
         {
-            // Positions outside the loss mask become ignore_index, so the fused mean counts only the rest.
-            var targets = lossMaskBS is null ? labelsBS.flatten() : torch.where(lossMaskBS.flatten().gt(0), labelsBS.flatten(), IgnoreIndex);
-            lmLoss = nn.functional.cross_entropy(logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32), targets, ignore_index: IgnoreIndex);
+            // Its own scope, like the layers': without logits asked for, the bf16 logits and their fp32 copy are
+            // released here (cross-entropy keeps only its log-probabilities for the backward).
+            logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps), lm_head);
+            HostTrace.Mark("lm head");
+            if (labelsBS is not null)
+            {
+                // Positions outside the loss mask become ignore_index, so the fused mean counts only the rest.
+                // (masked_fill takes the scalar as a kernel argument; torch.where with a long made a tensor of it and
+                // blocked the host until the GPU had caught up: 11 ms a step, bench MOE_HOST_TRACE=1.)
+                var targets = lossMaskBS is null ? labelsBS.flatten() : labelsBS.flatten().masked_fill(lossMaskBS.flatten().le(0), IgnoreIndex);
+                HostTrace.Mark("targets");
+                var logitsF = logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32);
+                HostTrace.Mark("fp32 logits");
+                lmLoss = head.MoveToOuter(nn.functional.cross_entropy(logitsF, targets, ignore_index: IgnoreIndex));
+                HostTrace.Mark("cross-entropy");
+            }
+            logitsBSV = returnLogits ? head.MoveToOuter(logitsBSV) : null;
         }
+        HostTrace.Mark("lm head + loss");
         var options = layers[0].Moe.Options;
         Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
                 ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
                 : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
+        HostTrace.Mark("aux loss");
         Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
-        return new ForwardOutput(returnLogits ? logitsBSV : null, lmLoss, aux, z, moeOutputs);
+        return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
     }
 
     private Tensor MegatronAux(MoeLayerOutput m, MoeLayer layer, MoeOptions options, int batch) => options.LoadBalancing switch

@@ -105,6 +105,8 @@ public sealed class Trainer : IDisposable
             long[][] perExpert = Enumerable.Range(0, _model.Config.Layers).Select(_ => new long[_model.Config.Experts]).ToArray();
             for (int micro = 0; micro < microBatches; micro++)
             {
+                // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
+                using var microScope = torch.NewDisposeScope();
                 long first = ((long)(step - 1) * microBatches + micro) * b;
                 var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
                 Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: _device).view(b, seq);
@@ -113,6 +115,7 @@ public sealed class Trainer : IDisposable
                     _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
                 var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
                 (total / microBatches).backward();
+                GroupedSwiGlu.ReleaseHandedBack();
                 loss += total.item<float>() / microBatches;
                 lm += o.LmLoss!.item<float>() / microBatches;
                 aux += o.AuxLoss.item<float>() / microBatches;

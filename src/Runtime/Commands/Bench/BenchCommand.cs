@@ -21,7 +21,7 @@ public static class BenchCommand
 
     public const double PeakTflops = 790;
 
-    public static int Execute(Request r, TextWriter output)
+    public static int Execute(Request r, TextWriter output, TextWriter? diagnostics = null)
     {
         if (r.Layers < 1 || r.Seq < 2 || r.MicroBatch < 1 || r.Iters < 1)
             throw new UserError("--layers, --micro-batch-size and --iters must be at least 1 and --seq at least 2.");
@@ -42,12 +42,23 @@ public static class BenchCommand
         var (labels, mask) = MixtralModel.ShiftedLabels(ids);
         var parameters = model.parameters().ToArray();
 
+        // Where the host spends a step: until the forward is queued, until backward() returns, and waiting for the GPU.
+        var forwardMs = new List<double>();
+        var backwardMs = new List<double>();
+        var waitMs = new List<double>();
+
         void Step()
         {
+            var watch = Stopwatch.StartNew();
+            HostTrace.Start();
             using var _ = torch.NewDisposeScope();
             var o = model.Forward(ids, labels, mask, returnLogits: false);
+            forwardMs.Add(watch.Elapsed.TotalMilliseconds);
             (o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss).backward();
+            HostTrace.Mark("backward returned");
+            GroupedSwiGlu.ReleaseHandedBack();
             foreach (var p in parameters) p.grad = null;
+            backwardMs.Add(watch.Elapsed.TotalMilliseconds);
         }
 
         void Sync()
@@ -57,14 +68,35 @@ public static class BenchCommand
 
         for (int i = 0; i < 3; i++) Step();
         Sync();
+        forwardMs.Clear();
+        backwardMs.Clear();
+        int collections = GC.CollectionCount(0);
         var times = new List<double>();
+        var traces = new List<IReadOnlyList<(string Point, double Ms)>>();
         for (int i = 0; i < r.Iters; i++)
         {
             var watch = Stopwatch.StartNew();
             Step();
             Sync();
             times.Add(watch.Elapsed.TotalSeconds);
+            waitMs.Add(watch.Elapsed.TotalMilliseconds - backwardMs[^1]);
+            traces.Add(HostTrace.Snapshot());
         }
+        if (HostTrace.Enabled && traces.Count > 0)
+        {
+            // Median time of each point over the timed steps (points in their order within a step).
+            var median = Enumerable.Range(0, traces[0].Count)
+                .Select(i => $"{i}:{traces[0][i].Point}={traces.Select(t => t[i].Ms).Order().ElementAt(traces.Count / 2):F2}");
+            diagnostics?.WriteLine("host trace (ms since step start): " + string.Join("  ", median));
+        }
+        static double Median(List<double> x) => x.Order().ElementAt(x.Count / 2);
+        diagnostics?.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
+        {
+            ["host_forward_ms"] = Median(forwardMs),
+            ["host_backward_returned_ms"] = Median(backwardMs),
+            ["host_wait_for_gpu_ms"] = Median(waitMs),
+            ["gen0_collections"] = GC.CollectionCount(0) - collections,
+        }));
         times.Sort();
         double stepSeconds = times[times.Count / 2];
         double tokensPerSecond = r.MicroBatch * (double)r.Seq / stepSeconds;
