@@ -21,6 +21,7 @@ public static class ComputeDevice
             case "cpu":
                 return CPU;
             case "cuda":
+                CudaAllocator.ConfigureDefaults();
                 if (torch.cuda.is_available()) return CUDA;
                 throw new UserError(CudaMissingMessage());
             default:

@@ -1,0 +1,47 @@
+using System.Runtime.InteropServices;
+using Moe.Runtime.Devices;
+using Xunit;
+
+namespace Moe.Runtime.Tests.Devices;
+
+/// <summary>What the CUDA set-up does on a machine without CUDA, and the allocator default.</summary>
+[Collection("Environment")]
+public class CudaSetupTests
+{
+    [DllImport("libc", EntryPoint = "getenv")]
+    private static extern IntPtr GetEnv([MarshalAs(UnmanagedType.LPUTF8Str)] string name);
+
+    private static string? NativeEnv(string name) => Marshal.PtrToStringUTF8(GetEnv(name));
+
+    [Fact]
+    public void AllocatorDefault_ReachesTheNativeEnvironment_AndAUserSettingWins()
+    {
+        string? before = Environment.GetEnvironmentVariable(CudaAllocator.Variable);
+        try
+        {
+            Environment.SetEnvironmentVariable(CudaAllocator.Variable, "garbage_collection_threshold:0.6");
+            Assert.Equal("garbage_collection_threshold:0.6", CudaAllocator.ConfigureDefaults());
+
+            Environment.SetEnvironmentVariable(CudaAllocator.Variable, null);
+            if (Environment.GetEnvironmentVariable("PYTORCH_ALLOC_CONF") is null)
+            {
+                Assert.Equal(CudaAllocator.Default, CudaAllocator.ConfigureDefaults());
+                // libtorch reads the C library's environment, which .NET's SetEnvironmentVariable does not change.
+                Assert.Equal(CudaAllocator.Default, NativeEnv(CudaAllocator.Variable));
+            }
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable(CudaAllocator.Variable, before);
+        }
+    }
+
+    [Fact]
+    public void CudaKernels_WithoutACudaDriverOrContext_SayWhyInsteadOfThrowing()
+    {
+        var kernels = CudaKernels.TryLoad("extern \"C\" __global__ void k() {}", "k.cu", out var why);
+        if (kernels is not null) return;   // a machine with a GPU and a current context: nothing to check here
+        Assert.False(string.IsNullOrWhiteSpace(why));
+        Assert.True(why.Contains("CUDA"), why);
+    }
+}
