@@ -19,6 +19,39 @@ namespace Moe.Runtime.Devices;
 /// </remarks>
 public sealed class CudaKernels
 {
+    /// <summary>
+    /// CUDA C helpers for bf16 kernels (no headers needed): bf16 bits ↔ fp32, and fp32 → bf16 rounding to
+    /// nearest even as c10::BFloat16 does, so a kernel can reproduce ATen's rounding after every operation.
+    /// </summary>
+    public const string Bf16Helpers = """
+        typedef unsigned int u32;
+        typedef unsigned short u16;
+        struct alignas(16) V8 { u32 w[4]; };   // 8 bf16 values
+        __device__ __forceinline__ float lo(u32 w) { return __uint_as_float(w << 16); }
+        __device__ __forceinline__ float hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+        __device__ __forceinline__ float f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+        // fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
+        __device__ __forceinline__ u32 bits(float f) {
+            u32 u = __float_as_uint(f);
+            if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+            return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        }
+        __device__ __forceinline__ float bf(float f) { return __uint_as_float(bits(f) << 16); }
+        __device__ __forceinline__ u32 pack(float a, float b) { return bits(a) | (bits(b) << 16); }
+
+        """;
+
+    /// <summary>False when MOE_FUSED_KERNELS=0: every caller keeps its ATen path.</summary>
+    public static bool Enabled => Environment.GetEnvironmentVariable("MOE_FUSED_KERNELS") != "0";
+
+    /// <summary><see cref="TryLoad"/>, or null after one line on stderr saying what is used instead and why.</summary>
+    public static CudaKernels? LoadOrExplain(string source, string name, string fallback)
+    {
+        var kernels = TryLoad(source, name, out var why);
+        if (kernels is null) Console.Error.WriteLine($"moe: the CUDA kernels of {name} are not available, so {fallback}: {why}");
+        return kernels;
+    }
+
     private readonly IntPtr _module;
     private readonly Dictionary<string, IntPtr> _functions = new();
 

@@ -24,32 +24,19 @@ namespace Moe.Runtime.MixtureOfExperts;
 /// <c>.grad</c> as usual (summing when it is already set).
 /// </para>
 /// <para>
-/// The row gradient is handed to autograd; its managed handle is released at the next call of this node
-/// (forward or backward) or by <see cref="ReleaseHandedBack"/>, so the engine frees the buffer once the
-/// dispatcher's backward has used it.
+/// The row gradient is handed to autograd through <see cref="HandedBackGradients"/>, so the engine frees
+/// the buffer once the dispatcher's backward has used it.
 /// </para>
 /// </remarks>
 public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedSwiGlu>
 {
-    private static readonly List<Tensor> HandedBack = new();
-
     public override string Name => nameof(GroupedSwiGlu);
 
     /// <summary>Expert_e(row) for rows sorted by expert; offsets are the cumulative row counts (int32 [E]).</summary>
     public static Tensor Apply(Tensor rowsRH, Tensor gateUpE2IH, Tensor downEHI, Tensor offsetsE)
     {
-        ReleaseHandedBack();
+        HandedBackGradients.Release();
         return apply(rowsRH, gateUpE2IH, downEHI, offsetsE);
-    }
-
-    /// <summary>Drops the handles of row gradients already given to autograd (call after <c>backward()</c> to free them at once).</summary>
-    public static void ReleaseHandedBack()
-    {
-        lock (HandedBack)
-        {
-            foreach (var t in HandedBack) t.Dispose();
-            HandedBack.Clear();
-        }
     }
 
     public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
@@ -67,7 +54,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH)
     {
-        ReleaseHandedBack();
+        HandedBackGradients.Release();
         Tensor dRows;
         using (var scope = torch.NewDisposeScope())
         {
@@ -82,12 +69,11 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
             Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets));
             act.Dispose();
             Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets));
-            dRows = Kernels.GroupedMm(dGu, gateUp, offsets).DetachFromDisposeScope();
+            dRows = HandedBackGradients.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
             foreach (var t in saved) t.Dispose();
         }
         gradOutRH.Dispose();
-        lock (HandedBack) HandedBack.Add(dRows);
         return [dRows, null!, null!, null!];
     }
 

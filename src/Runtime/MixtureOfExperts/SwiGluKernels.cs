@@ -21,21 +21,7 @@ namespace Moe.Runtime.MixtureOfExperts;
 /// </remarks>
 public static class SwiGluKernels
 {
-    private const string Source = """
-        typedef unsigned int u32;
-        struct alignas(16) V8 { u32 w[4]; };   // 8 bf16 values
-
-        __device__ __forceinline__ float lo(u32 w) { return __uint_as_float(w << 16); }
-        __device__ __forceinline__ float hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
-        // fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
-        __device__ __forceinline__ u32 bits(float f) {
-            u32 u = __float_as_uint(f);
-            if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-            return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        }
-        __device__ __forceinline__ float bf(float f) { return __uint_as_float(bits(f) << 16); }
-        __device__ __forceinline__ u32 pack(float a, float b) { return bits(a) | (bits(b) << 16); }
-
+    private const string Source = CudaKernels.Bf16Helpers + """
         __device__ __forceinline__ float act1(float x, float u) { return bf(x / (1.0f + expf(-x))) * u; }
         __device__ __forceinline__ void grad1(float x, float u, float d, float* dg, float* du, float* a) {
             float s = bf(x / (1.0f + expf(-x)));
@@ -82,19 +68,11 @@ public static class SwiGluKernels
 
     private const int Block = 256;
 
-    private static readonly Lazy<CudaKernels?> Compiled = new(() =>
-    {
-        var kernels = CudaKernels.TryLoad(Source, "swiglu.cu", out var why);
-        if (kernels is null) Console.Error.WriteLine($"moe: the fused SwiGLU kernels are not available, so the experts use ATen ops (slower): {why}");
-        return kernels;
-    });
-
-    /// <summary>False when MOE_FUSED_KERNELS=0.</summary>
-    public static bool Enabled => Environment.GetEnvironmentVariable("MOE_FUSED_KERNELS") != "0";
+    private static readonly Lazy<CudaKernels?> Compiled = new(() => CudaKernels.LoadOrExplain(Source, "swiglu.cu", "the experts use ATen ops (slower)"));
 
     /// <summary>Whether the kernels take rows like these: bf16 on CUDA, I a multiple of 8, and compiled for the device.</summary>
     public static bool Apply(Tensor rows, long ffn) =>
-        Enabled && rows.device_type == DeviceType.CUDA && rows.dtype == ScalarType.BFloat16 && ffn % 8 == 0 && Compiled.Value is not null;
+        CudaKernels.Enabled && rows.device_type == DeviceType.CUDA && rows.dtype == ScalarType.BFloat16 && ffn % 8 == 0 && Compiled.Value is not null;
 
     /// <summary>act = SiLU(g)·u, [R, I].</summary>
     public static Tensor Forward(Tensor guR2I)

@@ -115,7 +115,7 @@ public sealed class Trainer : IDisposable
                     _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
                 var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
                 (total / microBatches).backward();
-                GroupedSwiGlu.ReleaseHandedBack();
+                HandedBackGradients.Release();
                 loss += total.item<float>() / microBatches;
                 lm += o.LmLoss!.item<float>() / microBatches;
                 aux += o.AuxLoss.item<float>() / microBatches;
