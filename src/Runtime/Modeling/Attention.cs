@@ -44,12 +44,19 @@ public sealed class Attention : nn.Module
     public Tensor Forward(Tensor hiddenBSH, (Tensor Cos, Tensor Sin) rope, Tensor? maskB1SS)
     {
         long b = hiddenBSH.shape[0], s = hiddenBSH.shape[1];
-        var qkv = nn.functional.linear(hiddenBSH, qkv_proj).split(new[] { QRows.Count, KRows.Count, VRows.Count }, -1);
+        var projectedBSW = nn.functional.linear(hiddenBSH, qkv_proj);
+        // On CUDA in bf16 one kernel rotates q and k inside the fused projection (bit-equal to Rotary.Apply).
+        bool fused = RotaryQkv.Applies(projectedBSW, rope.Cos, headDim);
+        if (fused) projectedBSW = RotaryQkv.Apply(projectedBSW, rope, heads + kvHeads, headDim);
+        var qkv = projectedBSW.split(new[] { QRows.Count, KRows.Count, VRows.Count }, -1);
         var qBNSd = qkv[0].view(b, s, heads, headDim).transpose(1, 2);
         var kBNSd = qkv[1].view(b, s, kvHeads, headDim).transpose(1, 2);
         var vBNSd = qkv[2].view(b, s, kvHeads, headDim).transpose(1, 2);
-        qBNSd = Rotary.Apply(qBNSd, rope);
-        kBNSd = Rotary.Apply(kBNSd, rope);
+        if (!fused)
+        {
+            qBNSd = Rotary.Apply(qBNSd, rope);
+            kBNSd = Rotary.Apply(kBNSd, rope);
+        }
         var outBNSd = maskB1SS is null
             ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
             : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);

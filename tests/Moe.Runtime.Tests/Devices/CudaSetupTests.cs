@@ -1,6 +1,10 @@
 using System.Runtime.InteropServices;
 using Moe.Runtime.Devices;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
+using TorchSharp;
 using Xunit;
+using static TorchSharp.torch;
 
 namespace Moe.Runtime.Tests.Devices;
 
@@ -34,6 +38,26 @@ public class CudaSetupTests
         {
             Environment.SetEnvironmentVariable(CudaAllocator.Variable, before);
         }
+    }
+
+    [Fact]
+    public void KernelPaths_AreNotTakenOffCuda()
+    {
+        var qkv = torch.zeros(1, 4, 48, dtype: ScalarType.BFloat16);
+        Assert.False(RotaryQkv.Applies(qkv, torch.zeros(1, 1, 4, 16, dtype: ScalarType.BFloat16), 16));
+        Assert.False(SwiGluKernels.Apply(torch.zeros(4, 8, dtype: ScalarType.BFloat16), 16));
+    }
+
+    [Fact]
+    public void HandedBackGradients_AreReleasedTogether()
+    {
+        using var scope = torch.NewDisposeScope();
+        var a = HandedBackGradients.Keep(torch.ones(3));
+        var b = HandedBackGradients.Keep(torch.ones(2));
+        Assert.False(a.IsInvalid);
+        HandedBackGradients.Release();
+        Assert.True(a.IsInvalid);
+        Assert.True(b.IsInvalid);
     }
 
     [Fact]
