@@ -1,4 +1,5 @@
 using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
 using TorchSharp;
 using Xunit;
 using static TorchSharp.torch;
@@ -75,6 +76,28 @@ public class ExpertsTests
         experts.Forward(rows, counts).sum().backward();
         Assert.NotNull(experts.GateUp.grad);
         Assert.Null(experts.Down.grad);
+    }
+
+    [Fact]
+    public void AFailureInTheExpertsBackward_IsThrownByComplete_NotACrash()
+    {
+        // Changing a weight in place between forward and backward invalidates what the backward saved:
+        // libtorch refuses to unpack it inside our managed backward, which must not take the process down.
+        var gen = new torch.Generator(5);
+        using var experts = new Experts(4, 8, 4, ScalarType.Float32, CPU);
+        using (torch.no_grad())
+        {
+            experts.GateUp.copy_(torch.randn(4, 8, 8, generator: gen));
+            experts.Down.copy_(torch.randn(4, 8, 4, generator: gen));
+        }
+        var x = torch.randn(6, 8, generator: gen).requires_grad_(true);
+        var y = experts.Forward(x, torch.tensor(new long[] { 2, 1, 3, 0 }));
+        using (torch.no_grad()) experts.Down.add_(1.0);
+        y.sum().backward();
+        var e = Assert.Throws<Moe.Runtime.Commands.UserError>(ManagedBackward.Complete);
+        Assert.Contains("backward of GroupedSwiGlu failed", e.Message);
+        Assert.Contains("inplace", e.Message);
+        ManagedBackward.Complete();   // reported once
     }
 
     [Fact]

@@ -24,8 +24,9 @@ namespace Moe.Runtime.MixtureOfExperts;
 /// <c>.grad</c> as usual (summing when it is already set).
 /// </para>
 /// <para>
-/// The row gradient is handed to autograd through <see cref="HandedBackGradients"/>, so the engine frees
-/// the buffer once the dispatcher's backward has used it.
+/// The row gradient is handed to autograd through <see cref="ManagedBackward"/>, so the engine frees the
+/// buffer once the dispatcher's backward has used it; a failure in the backward is reported by
+/// <see cref="ManagedBackward.Complete"/>.
 /// </para>
 /// </remarks>
 public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedSwiGlu>
@@ -35,7 +36,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
     /// <summary>Expert_e(row) for rows sorted by expert; offsets are the cumulative row counts (int32 [E]).</summary>
     public static Tensor Apply(Tensor rowsRH, Tensor gateUpE2IH, Tensor downEHI, Tensor offsetsE)
     {
-        HandedBackGradients.Release();
+        ManagedBackward.BeforeForward();
         return apply(rowsRH, gateUpE2IH, downEHI, offsetsE);
     }
 
@@ -52,9 +53,12 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
         return outRH;
     }
 
-    public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH)
+    public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH) =>
+        ManagedBackward.Run(Name, 4, () => Backward(ctx, gradOutRH));
+
+    private static List<Tensor> Backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH)
     {
-        HandedBackGradients.Release();
+        ManagedBackward.Release();
         Tensor dRows;
         using (var scope = torch.NewDisposeScope())
         {
@@ -69,7 +73,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
             Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets));
             act.Dispose();
             Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets));
-            dRows = HandedBackGradients.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
+            dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
             foreach (var t in saved) t.Dispose();
         }

@@ -71,7 +71,7 @@ public sealed class RotaryQkv : torch.autograd.SingleTensorFunction<RotaryQkv>
     /// </summary>
     public static Tensor Apply(Tensor qkvBSW, (Tensor Cos, Tensor Sin) rope, int rotatedHeads, int headDim)
     {
-        HandedBackGradients.Release();
+        ManagedBackward.BeforeForward();
         return apply(qkvBSW, rope.Cos, rope.Sin, (long)rotatedHeads, (long)headDim);
     }
 
@@ -86,9 +86,12 @@ public sealed class RotaryQkv : torch.autograd.SingleTensorFunction<RotaryQkv>
         return y;
     }
 
-    public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradBSW)
+    public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradBSW) =>
+        ManagedBackward.Run(Name, 5, () => Backward(ctx, gradBSW));
+
+    private static List<Tensor> Backward(torch.autograd.AutogradContext ctx, Tensor gradBSW)
     {
-        HandedBackGradients.Release();
+        ManagedBackward.Release();
         var (rotated, d) = ((long, long))ctx.get_data("shape");
         Tensor dx;
         using (var scope = torch.NewDisposeScope())
@@ -97,7 +100,7 @@ public sealed class RotaryQkv : torch.autograd.SingleTensorFunction<RotaryQkv>
             var g = gradBSW.is_contiguous() ? gradBSW : gradBSW.contiguous();
             dx = torch.empty_like(g);
             Launch("rope_backward", g, saved[0], saved[1], dx, rotated, d);
-            HandedBackGradients.Keep(dx);
+            ManagedBackward.Keep(dx);
             foreach (var t in saved) t.Dispose();
         }
         gradBSW.Dispose();

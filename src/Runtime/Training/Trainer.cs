@@ -115,7 +115,7 @@ public sealed class Trainer : IDisposable
                     _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
                 var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
                 (total / microBatches).backward();
-                HandedBackGradients.Release();
+                ManagedBackward.Complete();
                 loss += total.item<float>() / microBatches;
                 lm += o.LmLoss!.item<float>() / microBatches;
                 aux += o.AuxLoss.item<float>() / microBatches;
@@ -171,8 +171,13 @@ public sealed class Trainer : IDisposable
     public static double ClipGradients(IReadOnlyList<Parameter> parameters, double maxNorm) =>
         maxNorm > 0 ? torch.nn.utils.clip_grad_norm_(parameters, maxNorm) : GradNorm(parameters);
 
-    private static double GradNorm(IEnumerable<Parameter> ps) =>
-        Math.Sqrt(ps.Where(p => p.grad is not null).Sum(p => Math.Pow(p.grad!.to(ScalarType.Float32).norm().item<float>(), 2)));
+    /// <summary>‖all gradients‖₂ in fp32, read back once (not once per parameter: each read waits for the GPU).</summary>
+    private static double GradNorm(IEnumerable<Parameter> ps)
+    {
+        using var scope = torch.NewDisposeScope();
+        var norms = ps.Select(p => p.grad).Where(g => g is not null).Select(g => g!.to(ScalarType.Float32).norm()).ToArray();
+        return norms.Length == 0 ? 0 : torch.stack(norms).norm().item<float>();
+    }
 
     private static void CheckMatches(MixtralConfig checkpoint, MixtralConfig recipe, string path)
     {

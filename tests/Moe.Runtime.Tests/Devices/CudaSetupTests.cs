@@ -49,13 +49,13 @@ public class CudaSetupTests
     }
 
     [Fact]
-    public void HandedBackGradients_AreReleasedTogether()
+    public void HandedBackGradientHandles_AreReleasedTogether()
     {
         using var scope = torch.NewDisposeScope();
-        var a = HandedBackGradients.Keep(torch.ones(3));
-        var b = HandedBackGradients.Keep(torch.ones(2));
+        var a = ManagedBackward.Keep(torch.ones(3));
+        var b = ManagedBackward.Keep(torch.ones(2));
         Assert.False(a.IsInvalid);
-        HandedBackGradients.Release();
+        ManagedBackward.Release();
         Assert.True(a.IsInvalid);
         Assert.True(b.IsInvalid);
     }

@@ -56,7 +56,7 @@ public static class BenchCommand
             forwardMs.Add(watch.Elapsed.TotalMilliseconds);
             (o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss).backward();
             HostTrace.Mark("backward returned");
-            HandedBackGradients.Release();
+            ManagedBackward.Complete();
             foreach (var p in parameters) p.grad = null;
             backwardMs.Add(watch.Elapsed.TotalMilliseconds);
         }

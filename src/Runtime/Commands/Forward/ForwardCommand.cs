@@ -54,6 +54,7 @@ public static class ForwardCommand
             model.train();
             var o = model.Forward(ids, labels, mask, returnLogits: false);
             (o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss).backward();
+            ManagedBackward.Complete();
             foreach (var (key, grad) in MixtralStateDictAdapter.Named(model, gradients: true))
                 outputs.Add(new("grad." + key, grad.to(ScalarType.Float32)));
         }
