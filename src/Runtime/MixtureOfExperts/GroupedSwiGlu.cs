@@ -45,7 +45,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
         var (rows, gateUp, down, offsets) = ((Tensor)vars[0], (Tensor)vars[1], (Tensor)vars[2], (Tensor)vars[3]);
         var gu = Kernels.GroupedMm(rows, gateUp.transpose(1, 2), offsets);
         long ffn = down.shape[2];
-        using var act = SwiGluKernels.Apply(rows, ffn)
+        using var act = SwiGluKernels.Applies(rows, ffn)
             ? SwiGluKernels.Forward(gu)
             : nn.functional.silu(gu.narrow(-1, 0, ffn)) * gu.narrow(-1, ffn, ffn);
         var outRH = Kernels.GroupedMm(act, down.transpose(1, 2), offsets);
@@ -54,32 +54,20 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
     }
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH) =>
-        ManagedBackward.Run(Name, 4, () => Backward(ctx, gradOutRH));
-
-    private static List<Tensor> Backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH)
-    {
-        ManagedBackward.Release();
-        Tensor dRows;
-        using (var scope = torch.NewDisposeScope())
+        ManagedBackward.Run(Name, 4, ctx, gradOutRH, (saved, dOut) =>
         {
-            var saved = ctx.get_saved_variables();
             var (rows, gu, gateUp, down, offsets) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
-            // torch._grouped_mm rejects zero strides (the gradient of a sum arrives expanded).
-            var dOut = gradOutRH.is_contiguous() ? gradOutRH : gradOutRH.contiguous();
             // Each intermediate goes as soon as it has been used: ∂act, then act, then ∂gu.
             var dAct = Kernels.GroupedMm(dOut, down, offsets);
-            var (dGu, act) = SwiGluKernels.Apply(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
+            var (dGu, act) = SwiGluKernels.Applies(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
             dAct.Dispose();
             Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets));
             act.Dispose();
             Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets));
-            dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
+            var dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
-            foreach (var t in saved) t.Dispose();
-        }
-        gradOutRH.Dispose();
-        return [dRows, null!, null!, null!];
-    }
+            return [dRows, null!, null!, null!];
+        });
 
     /// <summary>
     /// The SwiGLU backward in ATen ops, as autograd differentiates SiLU(g)·u (the path off bf16 CUDA, and the

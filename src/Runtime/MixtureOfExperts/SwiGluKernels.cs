@@ -71,7 +71,7 @@ public static class SwiGluKernels
     private static readonly Lazy<CudaKernels?> Compiled = new(() => CudaKernels.LoadOrExplain(Source, "swiglu.cu", "the experts use ATen ops (slower)"));
 
     /// <summary>Whether the kernels take rows like these: bf16 on CUDA, I a multiple of 8, and compiled for the device.</summary>
-    public static bool Apply(Tensor rows, long ffn) =>
+    public static bool Applies(Tensor rows, long ffn) =>
         CudaKernels.Enabled && rows.device_type == DeviceType.CUDA && rows.dtype == ScalarType.BFloat16 && ffn % 8 == 0 && Compiled.Value is not null;
 
     /// <summary>act = SiLU(g)·u, [R, I].</summary>

@@ -59,12 +59,22 @@ public static class ManagedBackward
         _handles.Clear();
     }
 
-    /// <summary>Runs a backward body; a failure is recorded and <paramref name="inputs"/> nulls are returned instead.</summary>
-    public static List<Tensor> Run(string function, int inputs, Func<List<Tensor>> body)
+    /// <summary>
+    /// Runs a managed backward: releases this thread's earlier handles, then calls <paramref name="body"/> in a
+    /// dispose scope with the saved tensors and a contiguous upstream gradient, and drops their handles after.
+    /// The body returns one entry per forward argument, the gradients passed through <see cref="Keep"/>. A
+    /// failure is recorded and <paramref name="inputs"/> nulls are returned instead.
+    /// </summary>
+    public static List<Tensor> Run(string function, int inputs, torch.autograd.AutogradContext ctx, Tensor gradOutput,
+        Func<IReadOnlyList<Tensor>, Tensor, List<Tensor>> body)
     {
+        Release();
         try
         {
-            return body();
+            using var scope = torch.NewDisposeScope();
+            var saved = ctx.get_saved_variables();
+            // Kernels and torch._grouped_mm need dense strides (the gradient of a sum arrives expanded).
+            return body(saved, gradOutput.is_contiguous() ? gradOutput : gradOutput.contiguous());
         }
         catch (Exception e)
         {
@@ -72,6 +82,10 @@ public static class ManagedBackward
             if (_runsForwards) _threadFailure ??= failure;
             else Interlocked.CompareExchange(ref _engineFailure, failure, null);   // libtorch's device thread (CUDA)
             return Enumerable.Repeat<Tensor>(null!, inputs).ToList();
+        }
+        finally
+        {
+            gradOutput.Dispose();
         }
     }
 

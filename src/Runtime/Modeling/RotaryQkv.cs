@@ -87,25 +87,13 @@ public sealed class RotaryQkv : torch.autograd.SingleTensorFunction<RotaryQkv>
     }
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradBSW) =>
-        ManagedBackward.Run(Name, 5, () => Backward(ctx, gradBSW));
-
-    private static List<Tensor> Backward(torch.autograd.AutogradContext ctx, Tensor gradBSW)
-    {
-        ManagedBackward.Release();
-        var (rotated, d) = ((long, long))ctx.get_data("shape");
-        Tensor dx;
-        using (var scope = torch.NewDisposeScope())
+        ManagedBackward.Run(Name, 5, ctx, gradBSW, (saved, g) =>
         {
-            var saved = ctx.get_saved_variables();
-            var g = gradBSW.is_contiguous() ? gradBSW : gradBSW.contiguous();
-            dx = torch.empty_like(g);
+            var (rotated, d) = ((long, long))ctx.get_data("shape");
+            var dx = ManagedBackward.Keep(torch.empty_like(g));
             Launch("rope_backward", g, saved[0], saved[1], dx, rotated, d);
-            ManagedBackward.Keep(dx);
-            foreach (var t in saved) t.Dispose();
-        }
-        gradBSW.Dispose();
-        return [dx, null!, null!, null!, null!];
-    }
+            return [dx, null!, null!, null!, null!];
+        });
 
     private static void Launch(string kernel, Tensor input, Tensor cos, Tensor sin, Tensor output, long rotated, long d)
     {

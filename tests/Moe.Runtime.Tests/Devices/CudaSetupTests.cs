@@ -45,7 +45,7 @@ public class CudaSetupTests
     {
         var qkv = torch.zeros(1, 4, 48, dtype: ScalarType.BFloat16);
         Assert.False(RotaryQkv.Applies(qkv, torch.zeros(1, 1, 4, 16, dtype: ScalarType.BFloat16), 16));
-        Assert.False(SwiGluKernels.Apply(torch.zeros(4, 8, dtype: ScalarType.BFloat16), 16));
+        Assert.False(SwiGluKernels.Applies(torch.zeros(4, 8, dtype: ScalarType.BFloat16), 16));
     }
 
     [Fact]
