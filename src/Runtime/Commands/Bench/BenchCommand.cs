@@ -80,16 +80,15 @@ public static class BenchCommand
             Sync();
             times.Add(watch.Elapsed.TotalSeconds);
             waitMs.Add(watch.Elapsed.TotalMilliseconds - backwardMs[^1]);
-            traces.Add(HostTrace.Snapshot());
+            if (HostTrace.Enabled) traces.Add(HostTrace.Snapshot());
         }
-        if (HostTrace.Enabled && traces.Count > 0)
+        if (traces.Count > 0)
         {
             // Median time of each point over the timed steps (points in their order within a step).
             var median = Enumerable.Range(0, traces[0].Count)
-                .Select(i => $"{i}:{traces[0][i].Point}={traces.Select(t => t[i].Ms).Order().ElementAt(traces.Count / 2):F2}");
+                .Select(i => $"{i}:{traces[0][i].Point}={Median(traces.Select(t => t[i].Ms)):F2}");
             diagnostics?.WriteLine("host trace (ms since step start): " + string.Join("  ", median));
         }
-        static double Median(List<double> x) => x.Order().ElementAt(x.Count / 2);
         diagnostics?.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
         {
             ["host_forward_ms"] = Median(forwardMs),
@@ -97,8 +96,7 @@ public static class BenchCommand
             ["host_wait_for_gpu_ms"] = Median(waitMs),
             ["gen0_collections"] = GC.CollectionCount(0) - collections,
         }));
-        times.Sort();
-        double stepSeconds = times[times.Count / 2];
+        double stepSeconds = Median(times);
         double tokensPerSecond = r.MicroBatch * (double)r.Seq / stepSeconds;
         double flops = ModelFlopsPerToken(config, r.Seq) * tokensPerSecond;
         var result = new Dictionary<string, object?>
@@ -117,6 +115,13 @@ public static class BenchCommand
         };
         output.WriteLine(JsonSerializer.Serialize(result));
         return 0;
+    }
+
+    /// <summary>The baseline script's median: the middle value, the upper one of an even count (sorted[n / 2]).</summary>
+    private static double Median(IEnumerable<double> values)
+    {
+        var sorted = values.Order().ToArray();
+        return sorted[sorted.Length / 2];
     }
 
     /// <summary>hf_mixtral_baseline.py's count: 3 × (L · (qkvo + attention + top-k experts + router) + LM head).</summary>
