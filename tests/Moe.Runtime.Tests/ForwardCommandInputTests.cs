@@ -1,6 +1,4 @@
 using Moe.Runtime.Checkpoints;
-using Moe.Runtime.Commands;
-using Moe.Tests;
 using TorchSharp;
 using Xunit;
 using static TorchSharp.torch;
@@ -9,37 +7,12 @@ namespace Moe.Runtime.Tests;
 
 /// <summary>`moe forward` with bfloat16 and with inputs users get wrong.</summary>
 [Collection("Console")]
-public class ForwardCommandInputTests : IDisposable
+public class ForwardCommandInputTests() : ForwardCommandTestBase("moe-forward-in-")
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("moe-forward-in-").FullName;
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
-    private static string Fixture => TestPaths.Fixture("mixtral-tiny");
-
-    private static (int Exit, string Err) Run(params string[] args)
-    {
-        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
-        return (exit, err);
-    }
-
-    private string Input(string name, Tensor t)
-    {
-        string path = Path.Combine(_dir, name);
-        SafetensorsFile.Write(path, [new("input_ids", t)]);
-        return path;
-    }
-
-    private static Tensor FixtureIds()
-    {
-        using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
-        return expected.Read("input_ids");
-    }
-
     [Fact]
     public void Bfloat16_StaysWithinBfloat16RoundingOfTransformersFloat32()
     {
-        string output = Path.Combine(_dir, "bf16.safetensors");
+        string output = Path.Combine(Dir, "bf16.safetensors");
         var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", Input("in.safetensors", FixtureIds()), "--output", output, "--dtype", "bfloat16");
         Assert.True(exit == 0, err);
         using var ours = SafetensorsFile.Open(output);
@@ -61,9 +34,9 @@ public class ForwardCommandInputTests : IDisposable
     [Fact]
     public void InputWithoutInputIds_IsNamed()
     {
-        string path = Path.Combine(_dir, "other.safetensors");
+        string path = Path.Combine(Dir, "other.safetensors");
         SafetensorsFile.Write(path, [new("tokens", torch.zeros(1, 4, dtype: ScalarType.Int64))]);
-        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains($"{path}: has no tensor 'input_ids'", err);
     }
@@ -72,7 +45,7 @@ public class ForwardCommandInputTests : IDisposable
     public void FloatInputIds_AreRejected()
     {
         string path = Input("float.safetensors", torch.zeros(2, 4));
-        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains("input_ids must be int64 [B, S]; it is F32 [2, 4]", err);
     }
@@ -81,9 +54,9 @@ public class ForwardCommandInputTests : IDisposable
     public void IdsOutsideTheVocabulary_AreRejected()
     {
         string path = Input("big.safetensors", torch.tensor(new long[] { 1, 2, 512 }).view(1, 3));
-        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", path, "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains("range over [1, 512] but the vocabulary has 512 ids", err);
-        Assert.False(File.Exists(Path.Combine(_dir, "o.safetensors")));
+        Assert.False(File.Exists(Path.Combine(Dir, "o.safetensors")));
     }
 }

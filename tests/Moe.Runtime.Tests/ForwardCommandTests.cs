@@ -1,6 +1,4 @@
 using Moe.Runtime.Checkpoints;
-using Moe.Runtime.Commands;
-using Moe.Tests;
 using TorchSharp;
 using Xunit;
 using static TorchSharp.torch;
@@ -9,33 +7,13 @@ namespace Moe.Runtime.Tests;
 
 /// <summary>`moe forward` as users run it, against the transformers fixture, and its errors.</summary>
 [Collection("Console")]
-public class ForwardCommandTests : IDisposable
+public class ForwardCommandTests() : ForwardCommandTestBase("moe-forward-")
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("moe-forward-").FullName;
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
-    private static string Fixture => TestPaths.Fixture("mixtral-tiny");
-
-    private static (int Exit, string Err) Run(params string[] args)
-    {
-        var (exit, _, err) = ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), args));
-        return (exit, err);
-    }
-
-    private string WriteInput()
-    {
-        using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
-        string input = Path.Combine(_dir, "in.safetensors");
-        SafetensorsFile.Write(input, [new("input_ids", expected.Read("input_ids"))]);
-        return input;
-    }
-
     [Fact]
     public void ForwardWithGrads_WritesEveryTensorOfTheFixtureWithinTolerance()
     {
-        string output = Path.Combine(_dir, "out.safetensors");
-        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", WriteInput(), "--output", output, "--grads");
+        string output = Path.Combine(Dir, "out.safetensors");
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", Input("in.safetensors", FixtureIds()), "--output", output, "--grads");
         Assert.True(exit == 0, err);
         using var ours = SafetensorsFile.Open(output);
         using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
@@ -57,7 +35,7 @@ public class ForwardCommandTests : IDisposable
     [Fact]
     public void CudaOnACpuHost_SaysWhatItLookedFor()
     {
-        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"), "--device", "cuda");
+        var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"), "--device", "cuda");
         if (torch.cuda.is_available()) return;
         Assert.Equal(2, exit);
         Assert.Contains("torch.cuda.is_available() is false", err);
@@ -69,26 +47,26 @@ public class ForwardCommandTests : IDisposable
     [Fact]
     public void TruncatedCheckpoint_NamesTheFileAndTheTensor()
     {
-        string ckpt = Path.Combine(_dir, "ckpt");
+        string ckpt = Path.Combine(Dir, "ckpt");
         Directory.CreateDirectory(ckpt);
         File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
         byte[] bytes = File.ReadAllBytes(Path.Combine(Fixture, "model.safetensors"));
         File.WriteAllBytes(Path.Combine(ckpt, "model.safetensors"), bytes[..(bytes.Length - 1000)]);
-        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Matches(@"model\.safetensors: tensor '[a-z0-9_.]+' ends at byte \d+ of the data section, which has only \d+ bytes", err);
         Assert.Contains("truncated", err);
-        Assert.False(File.Exists(Path.Combine(_dir, "o.safetensors")));
+        Assert.False(File.Exists(Path.Combine(Dir, "o.safetensors")));
     }
 
     [Fact]
     public void ConfigThatDisagreesWithTheWeights_NamesTheTensorAndShapes()
     {
-        string ckpt = Path.Combine(_dir, "ckpt2");
+        string ckpt = Path.Combine(Dir, "ckpt2");
         Directory.CreateDirectory(ckpt);
         File.WriteAllText(Path.Combine(ckpt, "config.json"), File.ReadAllText(Path.Combine(Fixture, "config.json")).Replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"));
         File.Copy(Path.Combine(Fixture, "model.safetensors"), Path.Combine(ckpt, "model.safetensors"));
-        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains("has shape [96, 64] but the model expects [128, 64] from config.json", err);
     }
@@ -96,11 +74,11 @@ public class ForwardCommandTests : IDisposable
     [Fact]
     public void MissingShard_IsNamed()
     {
-        string ckpt = Path.Combine(_dir, "sharded");
+        string ckpt = Path.Combine(Dir, "sharded");
         Directory.CreateDirectory(ckpt);
         File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
         File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"weight_map\": {\"lm_head.weight\": \"model-00001-of-00002.safetensors\"}}");
-        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains("lists shard model-00001-of-00002.safetensors for 'lm_head.weight'", err);
     }
@@ -108,11 +86,11 @@ public class ForwardCommandTests : IDisposable
     [Fact]
     public void MalformedShardIndex_IsANamedErrorNotAStackTrace()
     {
-        string ckpt = Path.Combine(_dir, "bad-index");
+        string ckpt = Path.Combine(Dir, "bad-index");
         Directory.CreateDirectory(ckpt);
         File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
         File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"weight_map\": {");
-        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", Path.Combine(_dir, "o.safetensors"));
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"));
         Assert.Equal(2, exit);
         Assert.Contains("model.safetensors.index.json: not valid JSON", err);
         Assert.DoesNotContain("   at ", err);
@@ -122,7 +100,7 @@ public class ForwardCommandTests : IDisposable
     public void ShardedCheckpoint_LoadsLikeTheSingleFile()
     {
         // Split the fixture into two shards with an index, as the hub does for large models.
-        string ckpt = Path.Combine(_dir, "two-shards");
+        string ckpt = Path.Combine(Dir, "two-shards");
         Directory.CreateDirectory(ckpt);
         File.Copy(Path.Combine(Fixture, "config.json"), Path.Combine(ckpt, "config.json"));
         using (var f = SafetensorsFile.Open(Path.Combine(Fixture, "model.safetensors")))
@@ -138,8 +116,8 @@ public class ForwardCommandTests : IDisposable
             }
             File.WriteAllText(Path.Combine(ckpt, "model.safetensors.index.json"), "{\"metadata\": {}, \"weight_map\": {" + string.Join(", ", map) + "}}");
         }
-        string output = Path.Combine(_dir, "sharded-out.safetensors");
-        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", WriteInput(), "--output", output);
+        string output = Path.Combine(Dir, "sharded-out.safetensors");
+        var (exit, err) = Run("forward", "--checkpoint", ckpt, "--input", Input("in.safetensors", FixtureIds()), "--output", output);
         Assert.True(exit == 0, err);
         using var ours = SafetensorsFile.Open(output);
         using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
