@@ -15,6 +15,9 @@ public class IndexedDatasetTests : IDisposable
 
     private static string FixturePrefix => TestPaths.Fixture("tokenizer-bpe-1k", "megatron_text_document");
 
+    /// <summary>The same documents written by preprocess_data.py without --append-eod.</summary>
+    private static string NoEodFixturePrefix => TestPaths.Fixture("tokenizer-bpe-1k", "megatron_noeod_text_document");
+
     private static (int[][] Ids, int Eod) ExpectedIds()
     {
         using var doc = JsonDocument.Parse(File.ReadAllText(TestPaths.Fixture("tokenizer-bpe-1k", "expected_ids.json")));
@@ -22,23 +25,36 @@ public class IndexedDatasetTests : IDisposable
         return (ids, doc.RootElement.GetProperty("eod").GetInt32());
     }
 
-    [Fact]
-    public void Reader_SeesMegatronsSequencesAndDocuments()
+    /// <summary>What Megatron writes for one document: nothing when it has no token, else one sequence (EOD appended on request).</summary>
+    private static int[][] SequencesOf(int[] doc, bool appendEod, int eod) =>
+        doc.Length == 0 ? [] : [appendEod ? [.. doc, eod] : doc];
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Reader_SeesMegatronsSequencesAndDocuments(bool appendEod)
     {
         var (ids, eod) = ExpectedIds();
-        using var ds = IndexedDataset.Open(FixturePrefix);
+        using var ds = IndexedDataset.Open(appendEod ? FixturePrefix : NoEodFixturePrefix);
         Assert.Equal(IndexedDtype.UInt16, ds.Dtype);
         Assert.Equal(ids.Length, ds.DocumentIndices.Length - 1);
-        // One sequence per document, EOD appended — also to the empty document (document 9), which
-        // Megatron-Core 0.20 writes as a single EOD token.
-        Assert.Equal(ids.Length, ds.SequenceCount);
-        Assert.Contains(ids, d => d.Length == 0);
+        // Document 9 is empty: a document of zero sequences (two equal consecutive document indices), no
+        // lone EOD, with or without --append-eod. Every other document is one sequence.
+        Assert.Equal(9, Array.FindIndex(ids, d => d.Length == 0));
+        Assert.Equal(ids.Count(d => d.Length > 0), ds.SequenceCount);
         for (int d = 0; d < ids.Length; d++)
-            Assert.Equal(ids[d].Select(i => (long)i).Append(eod), ds.Read(d));
+        {
+            var expected = SequencesOf(ids[d], appendEod, eod);
+            Assert.Equal(expected.Length, ds.DocumentIndices[d + 1] - ds.DocumentIndices[d]);
+            for (int q = 0; q < expected.Length; q++)
+                Assert.Equal(expected[q].Select(i => (long)i), ds.Read((int)ds.DocumentIndices[d] + q));
+        }
     }
 
-    [Fact]
-    public void Builder_ReproducesMegatronsFilesByteForByte()
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Builder_ReproducesMegatronsFilesByteForByte(bool appendEod)
     {
         var (ids, eod) = ExpectedIds();
         string prefix = Path.Combine(_dir, "out_text_document");
@@ -46,13 +62,14 @@ public class IndexedDatasetTests : IDisposable
         {
             foreach (var doc in ids)
             {
-                b.AddSequence(doc.Append(eod).ToArray());
+                foreach (var sequence in SequencesOf(doc, appendEod, eod)) b.AddSequence(sequence);
                 b.EndDocument();
             }
             b.Finish();
         }
-        Assert.Equal(File.ReadAllBytes(FixturePrefix + ".idx"), File.ReadAllBytes(prefix + ".idx"));
-        Assert.Equal(File.ReadAllBytes(FixturePrefix + ".bin"), File.ReadAllBytes(prefix + ".bin"));
+        string fixture = appendEod ? FixturePrefix : NoEodFixturePrefix;
+        Assert.Equal(File.ReadAllBytes(fixture + ".idx"), File.ReadAllBytes(prefix + ".idx"));
+        Assert.Equal(File.ReadAllBytes(fixture + ".bin"), File.ReadAllBytes(prefix + ".bin"));
     }
 
     [Fact]

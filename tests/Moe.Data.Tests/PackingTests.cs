@@ -70,6 +70,31 @@ public class PackingTests : IDisposable
     }
 
     [Fact]
+    public void EmptyDocument_HasNoSequenceAndPacksLikeItsAbsence()
+    {
+        // A, an empty document (a boundary with no sequence, as preprocess_data.py writes it), B: the
+        // dataset has two sequences, and samples over them are exactly the samples of A and B alone.
+        string prefix = Path.Combine(_dir, "e_text_document");
+        using (var b = new IndexedDatasetBuilder(prefix, IndexedDtype.UInt16))
+        {
+            b.AddSequence([10, 11, 2]);
+            b.EndDocument();
+            b.EndDocument();
+            b.AddSequence([20, 21, 22, 2]);
+            b.EndDocument();
+            b.Finish();
+        }
+        using var withEmpty = IndexedDataset.Open(prefix);
+        Assert.Equal(new long[] { 0, 1, 1, 2 }, withEmpty.DocumentIndices);
+        Assert.Equal(2, withEmpty.SequenceCount);
+        using var without = Write([10, 11, 2], [20, 21, 22, 2]);
+        var options = new SampleOptions(3, 2, true, true, true);
+        var a = new GptDataset(withEmpty, (0, withEmpty.SequenceCount), 2, options, seed: 11);
+        var c = new GptDataset(without, (0, without.SequenceCount), 2, options, seed: 11);
+        Assert.Equal(Windows(c, 2), Windows(a, 2));
+    }
+
+    [Fact]
     public void SeedChoosesTheEpochOrder_BothOrdersOccur()
     {
         // Guards the previous test against a shuffle that never reorders: over 20 seeds both A-first and B-first appear.

@@ -23,17 +23,40 @@ public class PreprocessTests : IDisposable
     }
 
     [Theory]
-    [InlineData("tokenizer.model", "1")]
-    [InlineData("tokenizer.json", "1")]
-    [InlineData("tokenizer.model", "4")]
-    public void Preprocess_ReproducesMegatronsBinAndIdxByteForByte(string tokenizer, string workers)
+    [InlineData("tokenizer.model", "1", true)]
+    [InlineData("tokenizer.json", "1", true)]
+    [InlineData("tokenizer.model", "4", true)]
+    [InlineData("tokenizer.json", "4", true)]
+    [InlineData("tokenizer.model", "1", false)]
+    [InlineData("tokenizer.json", "1", false)]
+    [InlineData("tokenizer.model", "4", false)]
+    [InlineData("tokenizer.json", "4", false)]
+    public void Preprocess_ReproducesMegatronsBinAndIdxByteForByte(string tokenizer, string workers, bool appendEod)
     {
         string prefix = Path.Combine(_dir, "out");
-        var (exit, err) = Run("preprocess", "--input", F("docs.jsonl"), "--tokenizer", F(tokenizer), "--output-prefix", prefix, "--append-eod", "--workers", workers);
+        string[] args = ["preprocess", "--input", F("docs.jsonl"), "--tokenizer", F(tokenizer), "--output-prefix", prefix, "--workers", workers];
+        var (exit, err) = Run(appendEod ? [.. args, "--append-eod"] : args);
         Assert.True(exit == 0, err);
         Assert.Contains("306 documents", err);
-        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.idx")), File.ReadAllBytes(prefix + "_text_document.idx"));
-        Assert.Equal(File.ReadAllBytes(F("megatron_text_document.bin")), File.ReadAllBytes(prefix + "_text_document.bin"));
+        string fixture = appendEod ? "megatron_text_document" : "megatron_noeod_text_document";
+        Assert.Equal(File.ReadAllBytes(F(fixture + ".idx")), File.ReadAllBytes(prefix + "_text_document.idx"));
+        Assert.Equal(File.ReadAllBytes(F(fixture + ".bin")), File.ReadAllBytes(prefix + "_text_document.bin"));
+    }
+
+    [Fact]
+    public void EmptySftRecord_IsADocumentWithNoSequenceInBothDatasets()
+    {
+        // As an empty text document: a boundary, no EOD, and the loss-mask dataset stays aligned with the text.
+        string input = WriteLines("{\"input\": \"Hi\", \"output\": \"there\"}", "{\"input\": \"\", \"output\": \"\"}", "{\"input\": \"a\", \"output\": \"b\"}");
+        string prefix = Path.Combine(_dir, "sftempty");
+        var (exit, err) = Run("preprocess", "--input", input, "--tokenizer", F("tokenizer.model"), "--output-prefix", prefix, "--sft");
+        Assert.True(exit == 0, err);
+        using var text = IndexedDataset.Open(prefix + "_text_document");
+        using var mask = IndexedDataset.Open(prefix + "_lossmask_document");
+        Assert.Equal(new long[] { 0, 1, 1, 2 }, text.DocumentIndices);
+        Assert.Equal(new long[] { 0, 1, 1, 2 }, mask.DocumentIndices);
+        Assert.Equal(2, text.SequenceCount);
+        Assert.Equal(text.Lengths, mask.Lengths);
     }
 
     private string WriteLines(params string[] lines)

@@ -8,8 +8,9 @@ namespace Moe.Runtime.Commands.Preprocess;
 
 /// <summary>
 /// Megatron's preprocess_data.py in C#: each JSON line's keys are tokenized (no BOS/EOS added), EOD
-/// appended with --append-eod (also after an empty document, as Megatron-Core writes it), one sequence per
-/// document, uint16 ids for vocabularies under 65,500 else int32. Lines are read in batches, tokenized by
+/// appended with --append-eod, one sequence per document; a document with no token is a document boundary
+/// with no sequence and no EOD, as Megatron-Core's own tool writes it (<c>Encoder.encode</c> appends EOD only
+/// to a document with tokens, and <c>add_document</c> is called with no lengths), uint16 ids for vocabularies under 65,500 else int32. Lines are read in batches, tokenized by
 /// --workers threads and written in input order. Outputs are temporary files renamed into place only when
 /// every line is done, so a failed or interrupted run leaves no .bin/.idx pair that looks whole.
 /// </summary>
@@ -57,13 +58,14 @@ public static class PreprocessCommand
                     }
                     for (int k = 0; k < builders.Count; k++)
                     {
-                        builders[k].AddSequence(e.Sequences![k]);
+                        // An empty document is a document of zero sequences: a boundary, nothing in .bin.
+                        if (e.Sequences![k].Length > 0) builders[k].AddSequence(e.Sequences[k]);
                         builders[k].EndDocument();
                         tokens += e.Sequences[k].Length;
                     }
                     if (maskBuilder is not null)
                     {
-                        maskBuilder.AddBytes(e.LossMask!);
+                        if (e.LossMask!.Length > 0) maskBuilder.AddBytes(e.LossMask);
                         maskBuilder.EndDocument();
                     }
                     documents++;
@@ -181,6 +183,8 @@ public static class PreprocessCommand
                 var p = tokenizer.Encode(prompt!);
                 // Prompt and answer are encoded separately, so no merge crosses the boundary the loss mask marks.
                 var a = tokenizer.Encode(answer!);
+                // A record with no token at all is an empty document, as in the plain path: no EOD.
+                if (p.Count + a.Count == 0) return new Encoded(line, [[]], [], null);
                 var ids = p.Concat(a).Append(tokenizer.EodId).ToArray();
                 var mask = Enumerable.Repeat((byte)0, p.Count).Concat(Enumerable.Repeat((byte)1, a.Count + 1)).ToArray();
                 return new Encoded(line, [ids], mask, null);
@@ -191,7 +195,7 @@ public static class PreprocessCommand
                 string? value = Field(keys[k], out var error);
                 if (error is not null) return new Encoded(line, null, null, error);
                 var ids = tokenizer.Encode(value!);
-                sequences[k] = r.AppendEod ? ids.Append(tokenizer.EodId).ToArray() : ids.ToArray();
+                sequences[k] = r.AppendEod && ids.Count > 0 ? ids.Append(tokenizer.EodId).ToArray() : ids.ToArray();
             }
             return new Encoded(line, sequences, null, null);
         }
