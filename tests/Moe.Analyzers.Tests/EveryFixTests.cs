@@ -45,7 +45,7 @@ public class EveryFixTests
 
         var compilation = Compile(fixedSource);
         var recipe = compilation.GetTypeByMetadataName("Demo.R")!;
-        var after = RecipeEvaluator.Evaluate(recipe, compilation, default).Settings;
+        var after = RecipeEvaluator.Evaluate(recipe, compilation, TestContext.Current.CancellationToken).Settings;
         var fix = finding.Fix!;
         object? value = Lookup(after, fix.Path);
         if (fix.Value is null)

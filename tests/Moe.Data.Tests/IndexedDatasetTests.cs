@@ -1,3 +1,4 @@
+using Moe.Runtime;
 using System.Text.Json;
 using Moe.Runtime.Commands;
 using Moe.Runtime.Data;

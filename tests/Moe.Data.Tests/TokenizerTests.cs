@@ -1,3 +1,4 @@
+using Moe.Runtime;
 using System.Text.Json;
 using Moe.Runtime.Data.Tokenizers;
 using Moe.Tests;
@@ -54,7 +55,7 @@ public class TokenizerTests
     {
         string path = Path.GetTempFileName();
         File.WriteAllBytes(path, [0xff, 0xff, 0xff]);
-        var e = Assert.Throws<Moe.Runtime.Commands.UserError>(() => Tokenizer.Load(path));
+        var e = Assert.Throws<Moe.Runtime.UserError>(() => Tokenizer.Load(path));
         Assert.Contains(path, e.Message);
         File.Delete(path);
     }

@@ -78,9 +78,9 @@ public class GeneratorTests
     public void UnrelatedEdit_LeavesTheRecipeStepCached()
     {
         var compilation = GeneratorHarness.Compilation(RecipeSource("Mixtral8x7b"));
-        var driver = GeneratorHarness.Driver().RunGenerators(compilation);
-        var edited = compilation.AddSyntaxTrees(CSharpSyntaxTree.ParseText("namespace Other; public static class Unrelated { public const int X = 1; }", new CSharpParseOptions(LanguageVersion.Latest)));
-        driver = driver.RunGenerators(edited);
+        var driver = GeneratorHarness.Driver().RunGenerators(compilation, TestContext.Current.CancellationToken);
+        var edited = compilation.AddSyntaxTrees(CSharpSyntaxTree.ParseText("namespace Other; public static class Unrelated { public const int X = 1; }", new CSharpParseOptions(LanguageVersion.Latest), cancellationToken: TestContext.Current.CancellationToken));
+        driver = driver.RunGenerators(edited, TestContext.Current.CancellationToken);
         var steps = driver.GetRunResult().Results.Single().TrackedSteps;
         var outputs = steps[RecipeGenerator.SpecStep].Concat(steps[RecipeGenerator.EntryPointStep]).SelectMany(s => s.Outputs).Select(o => o.Reason).ToArray();
         Assert.NotEmpty(outputs);
@@ -96,9 +96,9 @@ public class GeneratorTests
         string moreGpus = source.Replace("Gpus = 32,", "Gpus = 64,");
         Assert.NotEqual(source, moreGpus);
         var compilation = GeneratorHarness.Compilation(source);
-        var driver = GeneratorHarness.Driver().RunGenerators(compilation);
+        var driver = GeneratorHarness.Driver().RunGenerators(compilation, TestContext.Current.CancellationToken);
         driver = driver.RunGenerators(compilation.ReplaceSyntaxTree(compilation.SyntaxTrees[0],
-            CSharpSyntaxTree.ParseText(moreGpus, new CSharpParseOptions(LanguageVersion.Latest), path: "Source0.cs")));
+            CSharpSyntaxTree.ParseText(moreGpus, new CSharpParseOptions(LanguageVersion.Latest), path: "Source0.cs", cancellationToken: TestContext.Current.CancellationToken)), TestContext.Current.CancellationToken);
 
         var run = driver.GetRunResult().Results.Single();
         Assert.Equal(IncrementalStepRunReason.Modified, run.TrackedSteps[RecipeGenerator.SpecStep].Single().Outputs.Single().Reason);
@@ -110,9 +110,9 @@ public class GeneratorTests
     {
         var compilation = GeneratorHarness.Compilation(RecipeSource("Mixtral8x22b"));
         var symbol = compilation.GetTypeByMetadataName("Moe.Recipes.Mixtral8x22b")!;
-        var a = RecipeGenerator.Parser.Parse(symbol, compilation, default);
+        var a = RecipeGenerator.Parser.Parse(symbol, compilation, TestContext.Current.CancellationToken);
         var other = GeneratorHarness.Compilation(RecipeSource("Mixtral8x22b"));
-        var b = RecipeGenerator.Parser.Parse(other.GetTypeByMetadataName("Moe.Recipes.Mixtral8x22b")!, other, default);
+        var b = RecipeGenerator.Parser.Parse(other.GetTypeByMetadataName("Moe.Recipes.Mixtral8x22b")!, other, TestContext.Current.CancellationToken);
         Assert.NotSame(a, b);
         Assert.Equal(a, b);
         Assert.Equal(a.GetHashCode(), b.GetHashCode());

@@ -1,3 +1,4 @@
+using Moe.Runtime;
 using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
 using TorchSharp;
@@ -94,7 +95,7 @@ public class ExpertsTests
         var y = experts.Forward(x, torch.tensor(new long[] { 2, 1, 3, 0 }));
         using (torch.no_grad()) experts.Down.add_(1.0);
         y.sum().backward();
-        var e = Assert.Throws<Moe.Runtime.Commands.UserError>(ManagedBackward.Complete);
+        var e = Assert.Throws<Moe.Runtime.UserError>(ManagedBackward.Complete);
         Assert.Contains("backward of GroupedSwiGlu failed", e.Message);
         Assert.Contains("inplace", e.Message);
         ManagedBackward.Complete();   // reported once

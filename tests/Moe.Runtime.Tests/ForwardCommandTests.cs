@@ -17,7 +17,10 @@ public class ForwardCommandTests() : ForwardCommandTestBase("moe-forward-")
         Assert.True(exit == 0, err);
         using var ours = SafetensorsFile.Open(output);
         using var expected = SafetensorsFile.Open(Path.Combine(Fixture, "expected.safetensors"));
-        Assert.Equal("pt", ours.Metadata["format"]);
+        // transformers' readers expect the writer's metadata {"format": "pt"} in the header (u64 length, then JSON).
+        var bytes = File.ReadAllBytes(output);
+        string header = System.Text.Encoding.UTF8.GetString(bytes, 8, (int)BitConverter.ToUInt64(bytes, 0));
+        Assert.Contains("\"__metadata__\":{\"format\":\"pt\"}", header);
         foreach (var key in expected.Entries.Keys.Where(k => k != "input_ids"))
         {
             using var e = expected.Read(key);
@@ -35,8 +38,8 @@ public class ForwardCommandTests() : ForwardCommandTestBase("moe-forward-")
     [Fact]
     public void CudaOnACpuHost_SaysWhatItLookedFor()
     {
+        if (torch.cuda.is_available()) Assert.Skip("this host has CUDA: the message for a CPU-only host cannot be seen here");
         var (exit, err) = Run("forward", "--checkpoint", Fixture, "--input", Input("in.safetensors", FixtureIds()), "--output", Path.Combine(Dir, "o.safetensors"), "--device", "cuda");
-        if (torch.cuda.is_available()) return;
         Assert.Equal(2, exit);
         Assert.Contains("torch.cuda.is_available() is false", err);
         Assert.Contains("LD_LIBRARY_PATH", err);

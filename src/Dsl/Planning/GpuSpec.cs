@@ -4,23 +4,23 @@ using System.Linq;
 
 namespace Moe.Dsl.Planning;
 
-/// <summary>A GPU model the planner knows: its memory (HBM) and dense bf16 rate.</summary>
-public sealed record GpuSpec(string Name, double MemoryGB, double Bf16Tflops)
+/// <summary>A GPU model the planner knows: its memory (HBM).</summary>
+public sealed record GpuSpec(string Name, double MemoryGB)
 {
     /// <summary>NVIDIA H100 SXM, 80 GB.</summary>
-    public static GpuSpec H100 { get; } = new("H100", 80, 989);
+    public static GpuSpec H100 { get; } = new("H100", 80);
 
     /// <summary>NVIDIA H200, 141 GB.</summary>
-    public static GpuSpec H200 { get; } = new("H200", 141, 989);
+    public static GpuSpec H200 { get; } = new("H200", 141);
 
     /// <summary>NVIDIA A100, 80 GB.</summary>
-    public static GpuSpec A100 { get; } = new("A100", 80, 312);
+    public static GpuSpec A100 { get; } = new("A100", 80);
 
     /// <summary>NVIDIA A100, 40 GB.</summary>
-    public static GpuSpec A100_40 { get; } = new("A100-40", 40, 312);
+    public static GpuSpec A100_40 { get; } = new("A100-40", 40);
 
     /// <summary>NVIDIA B200, 180 GB.</summary>
-    public static GpuSpec B200 { get; } = new("B200", 180, 2250);
+    public static GpuSpec B200 { get; } = new("B200", 180);
 
     /// <summary>Every GPU the planner knows.</summary>
     public static IReadOnlyList<GpuSpec> All { get; } = new[] { H100, H200, A100, A100_40, B200 };

@@ -52,7 +52,4 @@ public sealed record RecipeSpec
 
     /// <summary>Per expert-parallel rank, its experts.</summary>
     public EquatableArray<RangeSpec> ExpertsOfRank { get; init; }
-
-    /// <summary>The compilation is a console application that references Moe.Runtime: emit its Main.</summary>
-    public bool EmitMain { get; init; }
 }

@@ -34,17 +34,14 @@ public sealed class SafetensorsFile : IDisposable
 
     public IReadOnlyDictionary<string, SafetensorsEntry> Entries { get; }
 
-    public IReadOnlyDictionary<string, string> Metadata { get; }
-
     private SafetensorsFile(string path, MemoryMappedFile map, MemoryMappedViewAccessor view, long dataStart,
-        Dictionary<string, SafetensorsEntry> entries, Dictionary<string, string> metadata)
+        Dictionary<string, SafetensorsEntry> entries)
     {
         Path = path;
         _map = map;
         _view = view;
         _dataStart = dataStart;
         Entries = entries;
-        Metadata = metadata;
     }
 
     public static SafetensorsFile Open(string path)
@@ -70,7 +67,6 @@ public sealed class SafetensorsFile : IDisposable
         long dataStart = 8 + (long)headerLength;
         long dataLength = length - dataStart;
         var entries = new Dictionary<string, SafetensorsEntry>(StringComparer.Ordinal);
-        var metadata = new Dictionary<string, string>(StringComparer.Ordinal);
         JsonDocument doc;
         try
         {
@@ -84,11 +80,7 @@ public sealed class SafetensorsFile : IDisposable
         {
             foreach (var p in doc.RootElement.EnumerateObject())
             {
-                if (p.Name == "__metadata__")
-                {
-                    foreach (var m in p.Value.EnumerateObject()) metadata[m.Name] = m.Value.ToString();
-                    continue;
-                }
+                if (p.Name == "__metadata__") continue;   // free-form strings (transformers writes {"format": "pt"})
                 try
                 {
                     string dtype = p.Value.GetProperty("dtype").GetString()!;
@@ -110,7 +102,7 @@ public sealed class SafetensorsFile : IDisposable
         }
         var map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
         var view = map.CreateViewAccessor(0, length, MemoryMappedFileAccess.Read);
-        return new SafetensorsFile(path, map, view, dataStart, entries, metadata);
+        return new SafetensorsFile(path, map, view, dataStart, entries);
     }
 
     /// <summary>The entry named <paramref name="name"/>; a UserError naming the file when absent.</summary>

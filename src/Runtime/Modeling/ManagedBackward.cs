@@ -78,7 +78,7 @@ public static class ManagedBackward
         }
         catch (Exception e)
         {
-            var failure = new Commands.UserError($"The backward of {function} failed: {e.Message}", e);
+            var failure = new UserError($"The backward of {function} failed: {e.Message}", e);
             if (_runsForwards) _threadFailure ??= failure;
             else Interlocked.CompareExchange(ref _engineFailure, failure, null);   // libtorch's device thread (CUDA)
             return Enumerable.Repeat<Tensor>(null!, inputs).ToList();

@@ -70,7 +70,7 @@ public sealed class MixtralModel : nn.Module
     public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device) : base("model")
     {
         if (config.TieWordEmbeddings)
-            throw new Commands.UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
+            throw new UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
         Dtype = dtype;
         embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
@@ -88,12 +88,6 @@ public sealed class MixtralModel : nn.Module
     public Parameter FinalNorm => norm;
     public Parameter LmHead => lm_head;
     public IReadOnlyList<DecoderLayer> Layers => layers.ToList();
-
-    /// <summary>Sets the MoE options of every layer.</summary>
-    public void SetMoeOptions(MoeOptions options)
-    {
-        foreach (var l in layers) l.Moe.Options = options;
-    }
 
     /// <summary>
     /// A randomly initialised model (<see cref="InitializeWeights"/> with the config's initializer_range);

@@ -64,7 +64,7 @@ public class CudaSetupTests
     public void CudaKernels_WithoutACudaDriverOrContext_SayWhyInsteadOfThrowing()
     {
         var kernels = CudaKernels.TryLoad("extern \"C\" __global__ void k() {}", "k.cu", out var why);
-        if (kernels is not null) return;   // a machine with a GPU and a current context: nothing to check here
+        if (kernels is not null) Assert.Skip("this host has a CUDA driver and a current context: the kernels loaded, so there is no reason to check");
         Assert.False(string.IsNullOrWhiteSpace(why));
         Assert.True(why.Contains("CUDA"), why);
     }

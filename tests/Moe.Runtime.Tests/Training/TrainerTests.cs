@@ -1,3 +1,4 @@
+using Moe.Runtime;
 using System.Text.Json;
 using Moe.Dsl;
 using Moe.Runtime.Commands;

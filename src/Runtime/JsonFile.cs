@@ -1,6 +1,6 @@
 using System.Text.Json;
 
-namespace Moe.Runtime.Commands;
+namespace Moe.Runtime;
 
 /// <summary>Reads a JSON file the user supplied (config.json, tokenizer.json, an index); a malformed file is a <see cref="UserError"/> naming it.</summary>
 public static class JsonFile

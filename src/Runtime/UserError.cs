@@ -1,4 +1,4 @@
-namespace Moe.Runtime.Commands;
+namespace Moe.Runtime;
 
 /// <summary>
 /// An error the user can fix (bad input, a missing file, an invalid layout). Verbs throw it with a
