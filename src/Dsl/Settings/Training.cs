@@ -44,4 +44,19 @@ public sealed record Training
 
     /// <summary>Training precision. Megatron: <c>--bf16</c>.</summary>
     public Precision Precision { get; init; } = Precision.Bf16;
+
+    /// <summary>
+    /// Shard the fp32 main weights and Adam moments over data parallel (each rank updates its slice, then the
+    /// weights are all-gathered), as Megatron-Core's distributed optimizer does; false keeps a full copy on every
+    /// rank and all-reduces gradients. Default true, as Megatron's Mixtral examples run. Megatron:
+    /// <c>--use-distributed-optimizer</c>.
+    /// </summary>
+    public bool DistributedOptimizer { get; init; } = true;
+
+    /// <summary>
+    /// How long any collective may wait for the other ranks before the job is aborted with a report naming the
+    /// group, the operation and the ranks that never arrived (the environment variable
+    /// <c>MOE_DISTRIBUTED_TIMEOUT_SECONDS</c> overrides it). Megatron: <c>--distributed-timeout-minutes</c> (default 10).
+    /// </summary>
+    public double DistributedTimeoutMinutes { get; init; } = 10;
 }

@@ -134,5 +134,6 @@ public static partial class RuleSet
         if (t.AdamBeta2 < 0 || t.AdamBeta2 >= 1) yield return Bad("AdamBeta2", $"({F(t.AdamBeta2)}) must be in [0, 1)");
         if (!(t.AdamEps > 0)) yield return Bad("AdamEps", $"({F(t.AdamEps)}) must be positive");
         if (t.ClipGrad < 0) yield return Bad("ClipGrad", $"({F(t.ClipGrad)}) must not be negative (0 disables clipping)");
+        if (!(t.DistributedTimeoutMinutes > 0)) yield return Bad("DistributedTimeoutMinutes", $"({F(t.DistributedTimeoutMinutes)}) must be positive");
     }
 }

@@ -19,6 +19,9 @@ public static class MoeCommands
     /// <summary>Exit code for input the user must fix.</summary>
     public const int UserErrorExitCode = 2;
 
+    /// <summary>Exit code when ranks of a job failed or a collective's deadline passed.</summary>
+    public const int JobFailedExitCode = 3;
+
     /// <summary>The <c>moe</c> tool: verbs that take a model preset or files on the command line.</summary>
     public static RootCommand CreateRoot() => CreateRoot(null);
 
@@ -66,6 +69,11 @@ public static class MoeCommands
         {
             Console.Error.WriteLine($"error: {e.Message}");
             return UserErrorExitCode;
+        }
+        catch (Exception e) when (e is Distributed.InProcess.DistributedJobException or Distributed.CollectiveTimeoutException)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return JobFailedExitCode;
         }
     }
 }

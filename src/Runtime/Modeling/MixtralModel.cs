@@ -84,6 +84,29 @@ public sealed class MixtralModel : nn.Module
 
     public ScalarType Dtype { get; }
 
+    /// <summary>
+    /// Every parameter in the order the forward first uses it, with its name (as named_parameters() gives it)
+    /// and whether it belongs to the experts (reduced over expert data parallel, not data parallel).
+    /// </summary>
+    public IEnumerable<(string Name, Parameter Parameter, bool IsExpert)> ParametersInForwardOrder()
+    {
+        var names = named_parameters().ToDictionary(np => np.parameter.Handle, np => np.name);
+        (string, Parameter, bool) Named(Parameter p, bool expert = false) => (names[p.Handle], p, expert);
+        yield return Named(embed_tokens);
+        foreach (var layer in layers)
+        {
+            yield return Named(layer.InputNorm);
+            yield return Named(layer.SelfAttention.Qkv);
+            yield return Named(layer.SelfAttention.O);
+            yield return Named(layer.PostAttentionNorm);
+            yield return Named(layer.Moe.Gate);
+            yield return Named(layer.Moe.ExpertWeights.GateUp, expert: true);
+            yield return Named(layer.Moe.ExpertWeights.Down, expert: true);
+        }
+        yield return Named(norm);
+        yield return Named(lm_head);
+    }
+
     public Parameter Embedding => embed_tokens;
     public Parameter FinalNorm => norm;
     public Parameter LmHead => lm_head;

@@ -1,8 +1,9 @@
 using System.Diagnostics;
 using Moe.Dsl;
 using Moe.Runtime.Checkpoints;
-using Moe.Runtime.Commands;
 using Moe.Runtime.Data;
+using Moe.Runtime.Distributed;
+using Moe.Runtime.Distributed.InProcess;
 using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
 using TorchSharp;
@@ -20,40 +21,83 @@ public interface ISampleSource
 /// <summary>How a run ended.</summary>
 public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps);
 
+/// <summary>What one rank of a job is: its process groups and its device. Passed down, never kept in statics.</summary>
+/// <param name="Groups">This rank's process groups.</param>
+/// <param name="Device">This rank's device.</param>
+public sealed record RankContext(ProcessGroups Groups, Device Device)
+{
+    /// <summary>Whether this rank prints progress and writes the metrics (global rank 0).</summary>
+    public bool Reports => Groups.Rank == 0;
+
+    /// <summary>A job of one rank on <paramref name="device"/>: every group has one member.</summary>
+    public static RankContext Single(RecipeSettings settings, Device device)
+    {
+        var world = new InProcessWorld(1, Timeouts.Collective(settings)).Communicator(0);
+        return new RankContext(ProcessGroups.Create(world, new Dsl.Layout.RankLayout(1, 1, 1, 1, 1, 1, Dsl.Layout.RankOrder.TpCpEpDpPp)), device);
+    }
+}
+
 /// <summary>
-/// One-process trainer: AdamW with decoupled weight decay (none on norm weights, as Megatron exempts
-/// 1-D parameters), warm-up then cosine/linear decay, global-norm clipping, gradient accumulation over
-/// GlobalBatchSize / (MicroBatchSize · DP) micro-batches, seeded. fp32 on CPU; with bf16 the model computes
-/// in bf16 while fp32 master weights and AdamW state live beside it (TorchSharp has no autocast).
-/// A NaN or infinite loss stops the run before the optimizer step, naming the last good step.
+/// The trainer of one rank, in torchtitan's order: build the single-device model → parallelize it from
+/// outside (identity at size 1) → initialise or load → optimizer → schedule. AdamW with decoupled weight
+/// decay (none on norm weights), Megatron's warm-up then cosine/linear decay, global-norm clipping,
+/// gradient accumulation over GlobalBatchSize / (MicroBatchSize · DP) micro-batches, seeded. fp32 on CPU;
+/// bf16 on a GPU with fp32 main gradients and weights (TorchSharp has no autocast).
 /// </summary>
+/// <remarks>
+/// <para>
+/// Data parallel as Megatron-Core does it: each data-parallel rank reads its share of every global batch in
+/// Megatron's order (micro-batch m of rank r is the global batch's micro-batch m·DP + r, so the union is
+/// the one-device run's micro-batches); gradients live in <see cref="GradientBuffer"/>s — dense ones reduced
+/// over data parallel × context parallel, expert ones over expert data parallel — and the
+/// <see cref="DistributedOptimizer"/> owns a shard of each. Each micro-batch's loss is the mean over its
+/// counted tokens divided by the number of micro-batches, gradients are pre-scaled by 1/DP and summed: the
+/// one-device run's gradient. The reported lm_loss is Megatron's: the token-weighted mean over the global batch.
+/// </para>
+/// <para>
+/// A NaN or infinite loss or gradient norm stops the run before the optimizer step, naming the last good
+/// step; every rank sees the same reduced values, so all stop together.
+/// </para>
+/// </remarks>
 public sealed class Trainer : IDisposable
 {
     private readonly RecipeSettings _s;
-    private readonly Device _device;
+    private readonly RankContext _rank;
     private readonly MixtralModel _model;
-    private readonly Parameter[] _params;
-    private readonly Parameter[] _master;
-    private readonly optim.Optimizer _optimizer;
-    private readonly bool _mixed;
+    private readonly List<GradientBuffer> _buffers = new();
+    private readonly DistributedOptimizer _optimizer;
+    private readonly bool _ownsRank;
 
+    /// <summary>A one-rank trainer on <paramref name="device"/> (the one-device run).</summary>
     public Trainer(RecipeSettings settings, Device device, TextWriter log)
+        : this(settings, RankContext.Single(settings, device), log, ownsRank: true)
+    {
+    }
+
+    public Trainer(RecipeSettings settings, RankContext rank, TextWriter log) : this(settings, rank, log, ownsRank: false)
+    {
+    }
+
+    private Trainer(RecipeSettings settings, RankContext rank, TextWriter log, bool ownsRank)
     {
         _s = settings;
-        _device = device;
+        _rank = rank;
+        _ownsRank = ownsRank;
+        var device = rank.Device;
         var dtype = settings.Training.Precision == Precision.Bf16 && device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
-        if (settings.Training.Precision == Precision.Bf16 && dtype == ScalarType.Float32)
+        if (settings.Training.Precision == Precision.Bf16 && dtype == ScalarType.Float32 && rank.Reports)
             log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
-        _mixed = dtype == ScalarType.BFloat16;
-        torch.manual_seed(settings.Training.Seed);
         var options = MoeOptions.From(settings);
+
+        // 1. The single-device model. 2. Parallelize: data parallel changes nothing in the model.
+        // 3. Initialise (seeded, the same on every rank) or load.
         if (settings.Checkpoint.Load is string load)
         {
             var config = MixtralStateDictAdapter.ReadConfig(load);
             CheckMatches(config, MixtralConfig.From(settings.Model), load);
             _model = new MixtralModel(config, options, dtype, device);
             MixtralStateDictAdapter.Load(_model, load);
-            log.WriteLine($"loaded {load}");
+            if (rank.Reports) log.WriteLine($"loaded {load}");
         }
         else
         {
@@ -61,21 +105,53 @@ public sealed class Trainer : IDisposable
             _model.InitializeWeights(settings.Training.Seed);
         }
         _model.train();
-        _params = _model.parameters().ToArray();
-        _master = _mixed
-            ? _params.Select(p => new Parameter(p.detach().to(ScalarType.Float32).clone())).ToArray()
-            : _params;
-        var t = settings.Training;
-        var decay = _master.Where(Decays).ToArray();
-        var noDecay = _master.Where(p => !Decays(p)).ToArray();
-        _optimizer = torch.optim.AdamW(new[]
-        {
-            new AdamW.ParamGroup(decay, new AdamW.Options { LearningRate = t.LearningRate, weight_decay = t.WeightDecay, beta1 = t.AdamBeta1, beta2 = t.AdamBeta2, eps = t.AdamEps }),
-            new AdamW.ParamGroup(noDecay, new AdamW.Options { LearningRate = t.LearningRate, weight_decay = 0, beta1 = t.AdamBeta1, beta2 = t.AdamBeta2, eps = t.AdamEps }),
-        }, t.LearningRate, t.AdamBeta1, t.AdamBeta2, t.AdamEps, t.WeightDecay);
+
+        // 4. Gradient buffers and the optimizer over them.
+        var groups = rank.Groups;
+        var inBackwardOrder = _model.ParametersInForwardOrder().Reverse().ToList();
+        long bucket = BucketElements(groups.DpCp.Size);
+        double scale = 1.0 / groups.DpCp.Size;   // Megatron's gradient_scaling_factor, dense and expert alike
+        var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
+        var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
+        _buffers.Add(new GradientBuffer("dense", dense, groups.DpCp, bucket, scale));
+        if (expert.Count > 0) _buffers.Add(new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale));
+        _optimizer = new DistributedOptimizer(_buffers, groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
     }
 
     public MixtralModel Model => _model;
+
+    /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
+    public IReadOnlyList<GradientBuffer> Buffers => _buffers;
+
+    /// <summary>
+    /// The reduced gradients of the last step by parameter name, whole (collective over each buffer's group: a
+    /// sharded buffer's shards are all-gathered). For tests and debugging; valid after a step, until the next
+    /// step begins; the tensors belong to the caller (outside any dispose scope).
+    /// </summary>
+    public Dictionary<string, Tensor> ReducedGradients()
+    {
+        var result = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        using var _ = torch.no_grad();
+        foreach (var buffer in _buffers)
+        {
+            foreach (var bucket in buffer.Buckets)
+            {
+                using var view = buffer.MainGrad.narrow(0, bucket.Start, bucket.Length);
+                var whole = view.clone();
+                if (_optimizer.Sharded)
+                {
+                    var (start, length) = buffer.Shard(bucket);
+                    buffer.Group.AllGather(buffer.MainGrad.narrow(0, start, length).contiguous(), whole);
+                }
+                foreach (var e in buffer.EntriesOf(bucket))
+                    result[e.Name] = whole.narrow(0, e.Offset - bucket.Start, e.Numel).view(e.Parameter.shape).clone().DetachFromDisposeScope();
+            }
+        }
+        return result;
+    }
+
+    /// <summary>Megatron's bucket size: max(40M, 1M·DP) elements (distributed/distributed_data_parallel.py).</summary>
+    public static long BucketElements(int dataParallel) => Math.Max(40_000_000L, 1_000_000L * dataParallel);
 
     /// <summary>
     /// Whether weight decay applies to a parameter. Megatron's convention (get_param_groups): matrices
@@ -84,79 +160,108 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public static bool Decays(Parameter p) => p.dim() >= 2;
 
+    /// <summary>Micro-batches per optimizer step on each data-parallel rank.</summary>
+    public int MicroBatches => Math.Max(1, _s.GradientAccumulationSteps);
+
+    /// <summary>
+    /// Sample indices of micro-batch <paramref name="micro"/> of <paramref name="step"/> on this rank: Megatron's
+    /// pretraining sampler hands each global batch out micro-batch by micro-batch, MicroBatchSize·DP samples at a
+    /// time, data-parallel rank r taking the r-th MicroBatchSize of them.
+    /// </summary>
+    public long FirstSample(int step, int micro)
+    {
+        var t = _s.Training;
+        int dp = _rank.Groups.Dp.Size, dpRank = _rank.Groups.Dp.Rank;
+        return (long)(step - 1) * t.GlobalBatchSize + ((long)micro * dp + dpRank) * t.MicroBatchSize;
+    }
+
     public TrainResult Run(ISampleSource data, TextWriter log, MetricsWriter metrics, int logEvery = 1, Action<int>? afterStep = null)
     {
         var t = _s.Training;
-        int microBatches = Math.Max(1, _s.GradientAccumulationSteps);
+        int microBatches = MicroBatches;
         int b = t.MicroBatchSize, seq = _s.Data.SequenceLength;
         double auxCoeff = _s.Router.LoadBalancing == LoadBalancing.None ? 0 : _s.AuxLossCoeff;
         double zCoeff = _s.Router.ZLossCoeff ?? 0;
         var history = new List<StepMetrics>();
-        bool terminal = !Console.IsErrorRedirected;
+        bool reports = _rank.Reports;
+        bool terminal = reports && !Console.IsErrorRedirected;
+        var device = _rank.Device;
+        int layers = _model.Config.Layers, experts = _model.Config.Experts;
         for (int step = 1; step <= t.Steps; step++)
         {
             var watch = Stopwatch.StartNew();
             using var scope = torch.NewDisposeScope();
             double lr = LearningRate.At(step, t);
-            foreach (var g in _optimizer.ParamGroups) g.LearningRate = lr;
-            _optimizer.zero_grad();
-            foreach (var p in _params) p.grad = null;
-            double loss = 0, lm = 0, aux = 0, z = 0, routed = 0, kept = 0;
-            long[][] perExpert = Enumerable.Range(0, _model.Config.Layers).Select(_ => new long[_model.Config.Experts]).ToArray();
+            foreach (var buffer in _buffers) buffer.BindGradients();
+            // Device-side sums over the step's micro-batches, read back once: [lm sum, counted tokens, aux, z, routed, kept, tokens per expert (L·E)].
+            var sums = torch.zeros(6 + layers * experts, dtype: ScalarType.Float64, device: device);
             for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
                 using var microScope = torch.NewDisposeScope();
-                long first = ((long)(step - 1) * microBatches + micro) * b;
+                long first = FirstSample(step, micro);
                 var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
-                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: _device).view(b, seq);
-                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: _device).view(b, seq);
+                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
+                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
                 var o = _model.Forward(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
                     _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
                 var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
                 (total / microBatches).backward();
                 ManagedBackward.Complete();
-                loss += total.item<float>() / microBatches;
-                lm += o.LmLoss!.item<float>() / microBatches;
-                aux += o.AuxLoss.item<float>() / microBatches;
-                z += (o.ZLoss?.item<float>() ?? 0) / microBatches;
-                for (int l = 0; l < o.Layers.Count; l++)
+                foreach (var buffer in _buffers) buffer.AccumulateMicroBatch();
+                using (torch.no_grad())
                 {
-                    var d = o.Layers[l].Dispatch;
-                    var rows = d.KeptPerExpertE.cpu().data<long>().ToArray();   // tokens, not padding rows
-                    for (int e = 0; e < rows.Length; e++) perExpert[l][e] += rows[e];
-                    routed += d.RoutedPerExpertE.sum().item<long>();
-                    kept += d.KeptPerExpertE.sum().item<long>();
+                    var counted = lossMask.sum().to(ScalarType.Float64);
+                    var perExpert = torch.stack(o.Layers.Select(l => l.TokensPerExpert).ToArray()).flatten().to(ScalarType.Float64);
+                    var routed = torch.stack(o.Layers.Select(l => l.RoutedPerExpert.sum()).ToArray()).sum().to(ScalarType.Float64);
+                    sums.add_(torch.cat(new[]
+                    {
+                        torch.stack(new[] { o.LmLoss!.detach().to(ScalarType.Float64) * counted, counted,
+                            o.AuxLoss.detach().to(ScalarType.Float64) / microBatches,
+                            (o.ZLoss ?? torch.zeros(1, device: device).squeeze()).detach().to(ScalarType.Float64) / microBatches,
+                            routed, perExpert.sum() }),
+                        perExpert,
+                    }));
                 }
             }
+            foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
+
+            // One reduction and one read-back of the step's numbers over data parallel.
+            var groups = _rank.Groups;
+            var reduced = sums.to(groups.Dp.DeviceForScalars);
+            groups.Dp.AllReduce(reduced);
+            var v = reduced.cpu().data<double>().ToArray();
+            int dp = groups.Dp.Size;
+            double lm = v[1] > 0 ? v[0] / v[1] : 0, aux = v[2] / dp, z = v[3] / dp;
+            double loss = lm + auxCoeff * aux + zCoeff * z;
+            double routedPairs = v[4], keptPairs = v[5];
+            var perExpertCounts = Enumerable.Range(0, layers).Select(l => Enumerable.Range(0, experts).Select(e => (long)Math.Round(v[6 + l * experts + e])).ToArray()).ToArray();
             if (!double.IsFinite(loss))
             {
                 string last = history.Count == 0 ? "no step completed" : $"the last good step was {history[^1].Step} (loss {history[^1].Loss:G5})";
                 throw new UserError($"The loss became {(double.IsNaN(loss) ? "NaN" : "infinite")} at step {step}; {last}. Training stopped before the optimizer step, " +
                     $"so the weights are those after step {step - 1}. Lower the learning rate (it was {lr:G3}) or check the data.");
             }
-            if (_mixed)
-                for (int i = 0; i < _params.Length; i++)
-                    _master[i].grad = _params[i].grad?.to(ScalarType.Float32);
-            double gradNorm = ClipGradients(_master, t.ClipGrad);
+            double gradNorm = _optimizer.GradientNorm();
             if (!double.IsFinite(gradNorm))
             {
                 string last = history.Count == 0 ? "no step completed" : $"the last good step was {history[^1].Step} (loss {history[^1].Loss:G5})";
                 throw new UserError($"The gradient norm became {(double.IsNaN(gradNorm) ? "NaN" : "infinite")} at step {step} (the loss was {loss:G5}); {last}. Training stopped before the optimizer step, " +
                     $"so the weights are those after step {step - 1}. Lower the learning rate (it was {lr:G3}) or check the data.");
             }
-            _optimizer.step();
+            _optimizer.Step(lr, ClipFactor(gradNorm, t.ClipGrad));
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
-            if (_mixed)
-                using (torch.no_grad())
-                    for (int i = 0; i < _params.Length; i++) _params[i].copy_(_master[i]);
-            if (_device.type == DeviceType.CUDA) torch.cuda.synchronize();
+            if (device.type == DeviceType.CUDA) torch.cuda.synchronize();
             double seconds = watch.Elapsed.TotalSeconds;
-            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpert, routed > 0 ? 1 - kept / routed : 0, microBatches * b * (double)seq / seconds);
+            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpertCounts, routedPairs > 0 ? 1 - keptPairs / routedPairs : 0,
+                (double)t.GlobalBatchSize * seq / seconds);
             history.Add(m);
-            metrics.Write(m);
-            if (terminal) Console.Error.Write("\r" + m.ToProgressLine(t.Steps) + "   ");
-            else if (step % logEvery == 0 || step == t.Steps) log.WriteLine(m.ToProgressLine(t.Steps));
+            if (reports)
+            {
+                metrics.Write(m);
+                if (terminal) Console.Error.Write("\r" + m.ToProgressLine(t.Steps) + "   ");
+                else if (step % logEvery == 0 || step == t.Steps) log.WriteLine(m.ToProgressLine(t.Steps));
+            }
             afterStep?.Invoke(step);
         }
         if (terminal) Console.Error.WriteLine();
@@ -164,19 +269,15 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>
-    /// Global-norm clipping (Megatron's --clip-grad): when the L2 norm of all gradients together exceeds
-    /// <paramref name="maxNorm"/>, every gradient is scaled by maxNorm / norm; 0 turns clipping off.
-    /// Returns the norm before clipping (what the metrics report as grad_norm).
+    /// Global-norm clipping (Megatron's --clip-grad, clip_grad_norm_fp32): when the norm of all gradients
+    /// together exceeds <paramref name="maxNorm"/>, every gradient is scaled by maxNorm / (norm + 1e-6); 0 turns
+    /// clipping off. Returns that factor (1 when not clipping).
     /// </summary>
-    public static double ClipGradients(IReadOnlyList<Parameter> parameters, double maxNorm) =>
-        maxNorm > 0 ? torch.nn.utils.clip_grad_norm_(parameters, maxNorm) : GradNorm(parameters);
-
-    /// <summary>‖all gradients‖₂ in fp32, read back once (not once per parameter: each read waits for the GPU).</summary>
-    private static double GradNorm(IEnumerable<Parameter> ps)
+    public static double ClipFactor(double norm, double maxNorm)
     {
-        using var scope = torch.NewDisposeScope();
-        var norms = ps.Select(p => p.grad).Where(g => g is not null).Select(g => g!.to(ScalarType.Float32).norm()).ToArray();
-        return norms.Length == 0 ? 0 : torch.stack(norms).norm().item<float>();
+        if (maxNorm <= 0) return 1;
+        double coefficient = maxNorm / (norm + 1e-6);
+        return coefficient < 1 ? coefficient : 1;
     }
 
     private static void CheckMatches(MixtralConfig checkpoint, MixtralConfig recipe, string path)
@@ -190,7 +291,9 @@ public sealed class Trainer : IDisposable
     public void Dispose()
     {
         _optimizer.Dispose();
+        foreach (var buffer in _buffers) buffer.Dispose();
         _model.Dispose();
+        if (_ownsRank) _rank.Groups.Dispose();
     }
 }
 

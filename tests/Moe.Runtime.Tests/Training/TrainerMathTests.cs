@@ -2,6 +2,7 @@ using Moe.Dsl;
 using Moe.Runtime.Commands.Train;
 using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
+using Moe.Runtime.Distributed.InProcess;
 using Moe.Runtime.Training;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -14,34 +15,40 @@ namespace Moe.Runtime.Tests.Training;
 [Collection("Console")]
 public class TrainerMathTests
 {
-    private static Parameter Param(params float[] grad)
+    /// <summary>An optimizer over <paramref name="parameters"/> on a one-rank world (every parameter decays unless 1-D).</summary>
+    private static (GradientBuffer Buffer, DistributedOptimizer Optimizer) Optimizer(double weightDecay, params Parameter[] parameters)
     {
-        var p = new Parameter(torch.zeros(grad.Length));
-        p.grad = torch.tensor(grad);
-        return p;
+        var world = new InProcessWorld(1, TimeSpan.FromSeconds(10)).Communicator(0);
+        var buffer = new GradientBuffer("dense", parameters.Select((p, i) => ($"p{i}", p, Trainer.Decays(p), true)).ToList(), world, 1 << 20, 1.0);
+        return (buffer, new DistributedOptimizer([buffer], world, new AdamSettings(0.9, 0.95, 1e-8, weightDecay), sharded: true));
+    }
+
+    private static void SetGradient(Parameter p, params float[] g)
+    {
+        using var _ = torch.no_grad();
+        p.grad!.copy_(torch.tensor(g).view(p.shape));
     }
 
     [Fact]
-    public void Clipping_AboveTheLimit_ScalesEveryGradientByLimitOverGlobalNorm()
+    public void GradientNorm_IsTheL2NormOfAllGradientsTogether()
     {
-        // Two tensors: grads (3) and (4) → global norm 5; limit 1 scales both by 1/5 → 0.6 and 0.8.
-        var a = Param(3f);
-        var b = Param(4f);
-        double norm = Trainer.ClipGradients([a, b], 1.0);
-        Assert.Equal(5.0, norm, 5);
-        Assert.Equal(0.6f, a.grad!.item<float>(), 4);
-        Assert.Equal(0.8f, b.grad!.item<float>(), 4);
+        // Two tensors: grads (3) and (4) → global norm 5.
+        var a = new Parameter(torch.zeros(1, 1));
+        var b = new Parameter(torch.zeros(1));
+        var (buffer, opt) = Optimizer(0, a, b);
+        SetGradient(a, 3f);
+        SetGradient(b, 4f);
+        Assert.Equal(5.0, opt.GradientNorm(), 6);
     }
 
-    [Fact]
-    public void Clipping_BelowTheLimitOrOff_LeavesGradientsAndReportsTheNorm()
+    [Theory]
+    // Megatron's clip_grad_norm_fp32: coefficient max / (norm + 1e-6), applied only below 1; 0 switches clipping off.
+    [InlineData(5.0, 1.0, 1.0 / (5.0 + 1e-6))]
+    [InlineData(5.0, 10.0, 1.0)]
+    [InlineData(50.0, 0.0, 1.0)]
+    public void ClipFactor_ScalesByLimitOverNormOnlyAboveTheLimit(double norm, double limit, double expected)
     {
-        var a = Param(3f, 4f);
-        Assert.Equal(5.0, Trainer.ClipGradients([a], 10.0), 5);
-        Assert.Equal(new[] { 3f, 4f }, a.grad!.data<float>().ToArray());
-        var b = Param(30f, 40f);
-        Assert.Equal(50.0, Trainer.ClipGradients([b], 0), 4);   // ClipGrad = 0: off
-        Assert.Equal(new[] { 30f, 40f }, b.grad!.data<float>().ToArray());
+        Assert.Equal(expected, Trainer.ClipFactor(norm, limit), 12);
     }
 
     [Fact]
@@ -52,15 +59,53 @@ public class TrainerMathTests
         // Step 2: p ← 0.85·0.95 = 0.8075; m = 0.027 − 0.01 = 0.017, v = 0.004275 + 0.0005 = 0.004775;
         //         m̂ = 0.017/0.19 = 0.0894737, v̂ = 0.004775/0.0975 = 0.0489744, √v̂ = 0.2213017
         //         → p = 0.8075 − 0.1·0.0894737/0.2213017 = 0.8075 − 0.0404307 = 0.7670693.
-        var p = new Parameter(torch.tensor(new float[] { 1f }));
-        var opt = torch.optim.AdamW([new AdamW.ParamGroup([p], new AdamW.Options { LearningRate = 0.1, weight_decay = 0.5, beta1 = 0.9, beta2 = 0.95, eps = 1e-8 })],
-            0.1, 0.9, 0.95, 1e-8, 0.5);
-        p.grad = torch.tensor(new float[] { 0.3f });
-        opt.step();
+        var p = new Parameter(torch.ones(1, 1));
+        var (buffer, opt) = Optimizer(0.5, p);
+        SetGradient(p, 0.3f);
+        opt.Step(0.1, 1.0);
         Assert.Equal(0.85f, p.item<float>(), 5);
-        p.grad = torch.tensor(new float[] { -0.1f });
-        opt.step();
+        buffer.BindGradients();
+        SetGradient(p, -0.1f);
+        opt.Step(0.1, 1.0);
         Assert.Equal(0.7670693f, p.item<float>(), 5);
+    }
+
+    [Fact]
+    public void AdamW_FirstStep_DecaysMatricesButNotOneDimensionalWeights()
+    {
+        // First step: m̂ = g, v̂ = g², so the update is lr·g/(|g| + ε) after p ← p·(1 − lr·wd) for matrices only.
+        var matrix = new Parameter(torch.tensor(new float[] { 1f, -2f }).view(1, 2));
+        var norm = new Parameter(torch.tensor(new float[] { 1f, -2f }));
+        var (_, opt) = Optimizer(0.5, matrix, norm);
+        SetGradient(matrix, 0.3f, -0.4f);
+        SetGradient(norm, 0.3f, -0.4f);
+        opt.Step(0.1, 1.0);
+        Assert.Equal(new[] { 1f * (1 - 0.05f) - 0.1f, -2f * (1 - 0.05f) + 0.1f }, matrix.detach().flatten().data<float>().ToArray(), new FloatTolerance(1e-5f));
+        Assert.Equal(new[] { 1f - 0.1f, -2f + 0.1f }, norm.detach().data<float>().ToArray(), new FloatTolerance(1e-5f));
+    }
+
+    [Fact]
+    public void ClipFactor_MultipliesTheGradientsOfTheStep()
+    {
+        // lr 0.1, wd 0, β1 0.9, β2 0.95. Step 1, g = 4: m = 0.4, v = 0.8, m̂ = 4, v̂ = 16 → p = −0.1.
+        // Step 2, g = 4 clipped by 0.25 → 1: m = 0.36 + 0.1 = 0.46, v = 0.76 + 0.05 = 0.81; m̂ = 0.46/0.19 = 2.4210526,
+        // v̂ = 0.81/0.0975 = 8.3076923, √v̂ = 2.8823067 → p = −0.1 − 0.1·2.4210526/2.8823067 = −0.1839973
+        // (unclipped, g = 4 again: m̂ = 4, v̂ = 16 → p = −0.2).
+        var p = new Parameter(torch.zeros(1, 1));
+        var (buffer, opt) = Optimizer(0, p);
+        SetGradient(p, 4f);
+        opt.Step(0.1, 1.0);
+        Assert.Equal(-0.1f, p.item<float>(), 5);
+        buffer.BindGradients();
+        SetGradient(p, 4f);
+        opt.Step(0.1, 0.25);
+        Assert.Equal(-0.1839973f, p.item<float>(), 5);
+    }
+
+    private sealed class FloatTolerance(float tolerance) : IEqualityComparer<float>
+    {
+        public bool Equals(float x, float y) => Math.Abs(x - y) <= tolerance;
+        public int GetHashCode(float obj) => 0;
     }
 
     [Fact]

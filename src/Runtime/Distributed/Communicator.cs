@@ -1,0 +1,219 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Distributed;
+
+/// <summary>How a reduction combines the ranks' values (NCCL's ncclRedOp_t).</summary>
+public enum ReduceOp
+{
+    Sum,
+    Avg,
+    Max,
+    Min,
+}
+
+/// <summary>One point-to-point transfer of a batched exchange: send <see cref="Tensor"/> to, or receive into it from, <see cref="Peer"/>.</summary>
+/// <param name="Send">True to send, false to receive.</param>
+/// <param name="Tensor">A contiguous tensor: the data to send, or the buffer that receives (its shape must match the sender's).</param>
+/// <param name="Peer">The peer's index in the communicator's group.</param>
+public sealed record PeerTransfer(bool Send, Tensor Tensor, int Peer);
+
+/// <summary>
+/// The ranks of one process group (a Megatron group such as tp or expert_dp) and the collectives over them,
+/// the shape of torch.distributed's ProcessGroup and of an NCCL communicator. Two backends implement it:
+/// NCCL (one process per GPU) and in-process (one thread per rank, CPU tensors) for tests and
+/// <c>train --simulate</c>.
+/// </summary>
+/// <remarks>
+/// <para>
+/// Every operation is collective over the group: each member calls the same operations in the same order
+/// with matching shapes. Tensors are contiguous; results are written into the given tensors (in place for
+/// all-reduce and broadcast). Operations along a dimension work on dimension 0, so a rank's share of a
+/// gathered or scattered tensor is a contiguous block.
+/// </para>
+/// <para>
+/// Every operation has a deadline (<see cref="Timeout"/>): when it passes, the backend aborts and throws a
+/// <see cref="CollectiveTimeoutException"/> naming the group, its ranks, the operation, its sequence number
+/// in the group and how long it waited, instead of hanging. <see cref="Recent"/> keeps the last operations for
+/// such reports.
+/// </para>
+/// </remarks>
+public abstract class Communicator : IDisposable
+{
+    private readonly Queue<CollectiveRecord> _recent = new();
+    private long _sequence;
+    private long _transferSequence;
+
+    protected Communicator(string name, int[] ranks, int rank, TimeSpan timeout)
+    {
+        Name = name;
+        Ranks = ranks;
+        Rank = rank;
+        Timeout = timeout;
+    }
+
+    /// <summary>The group's family ("tp", "expert_dp", "world", ...).</summary>
+    public string Name { get; }
+
+    /// <summary>Global ranks of the members, in group order.</summary>
+    public int[] Ranks { get; }
+
+    /// <summary>This rank's index in the group.</summary>
+    public int Rank { get; }
+
+    /// <summary>Members of the group.</summary>
+    public int Size => Ranks.Length;
+
+    /// <summary>This rank's global rank.</summary>
+    public int GlobalRank => Ranks[Rank];
+
+    /// <summary>How long an operation may wait for the other members.</summary>
+    public TimeSpan Timeout { get; }
+
+    /// <summary>"tp [0, 1]": the group as reports name it.</summary>
+    public string Describe() => $"{Name} [{string.Join(", ", Ranks)}]";
+
+    /// <summary>The most recent operations of this rank in this group (oldest first).</summary>
+    public IReadOnlyList<CollectiveRecord> Recent
+    {
+        get { lock (_recent) return _recent.ToArray(); }
+    }
+
+    /// <summary>Sums (or averages, ...) <paramref name="tensor"/> over the group, in place on every member.</summary>
+    public void AllReduce(Tensor tensor, ReduceOp op = ReduceOp.Sum)
+    {
+        if (Size == 1) return;   // the sum, average, max or min of one value is itself
+        Run("all_reduce", tensor, seq => AllReduceCore(tensor, op, seq));
+    }
+
+    /// <summary>
+    /// Reduces <paramref name="input"/> (Size·n rows along dim 0) over the group; member i receives rows
+    /// [i·n, (i+1)·n) of the result in <paramref name="output"/> (n rows).
+    /// </summary>
+    public void ReduceScatter(Tensor input, Tensor output, ReduceOp op = ReduceOp.Sum)
+    {
+        CheckBlocks(input, output, "reduce_scatter");
+        if (Size == 1) { output.copy_(input); return; }
+        Run("reduce_scatter", input, seq => ReduceScatterCore(input, output, op, seq));
+    }
+
+    /// <summary>Concatenates every member's <paramref name="input"/> (n rows) along dim 0 into <paramref name="output"/> (Size·n rows), in rank order.</summary>
+    public void AllGather(Tensor input, Tensor output)
+    {
+        CheckBlocks(output, input, "all_gather");
+        if (Size == 1) { output.copy_(input); return; }
+        Run("all_gather", input, seq => AllGatherCore(input, output, seq));
+    }
+
+    /// <summary>Copies member <paramref name="root"/>'s <paramref name="tensor"/> into every member's.</summary>
+    public void Broadcast(Tensor tensor, int root)
+    {
+        if ((uint)root >= (uint)Size) throw new ArgumentOutOfRangeException(nameof(root), $"{Describe()}: root {root} is not a member index.");
+        if (Size == 1) return;
+        Run("broadcast", tensor, seq => BroadcastCore(tensor, root, seq));
+    }
+
+    /// <summary>
+    /// All-to-all with uneven splits along dim 0: rows [Σ send[..j], +send[j]) of <paramref name="input"/> go to member j;
+    /// <paramref name="output"/> holds, in member order, recv[j] rows from each member j. Every pair must agree:
+    /// what i sends to j is what j expects from i (the caller exchanges the counts first).
+    /// </summary>
+    public void AllToAll(Tensor input, long[] sendRows, Tensor output, long[] recvRows)
+    {
+        if (sendRows.Length != Size || recvRows.Length != Size)
+            throw new ArgumentException($"{Describe()}: all_to_all needs one split per member ({Size}), got {sendRows.Length} and {recvRows.Length}.");
+        if (sendRows.Sum() != input.shape[0] || recvRows.Sum() != output.shape[0])
+            throw new ArgumentException($"{Describe()}: all_to_all splits sum to {sendRows.Sum()} / {recvRows.Sum()} rows but the tensors have {input.shape[0]} / {output.shape[0]}.");
+        if (Size == 1) { output.copy_(input); return; }
+        Run("all_to_all", input, seq => AllToAllCore(input, sendRows, output, recvRows, seq));
+    }
+
+    /// <summary>
+    /// Point-to-point transfers issued together (NCCL group semantics: no ordering deadlock between the sends
+    /// and receives of one batch). Pipeline stages exchange activations and gradients this way.
+    /// </summary>
+    public void Exchange(IReadOnlyList<PeerTransfer> transfers)
+    {
+        if (transfers.Count == 0) return;
+        foreach (var t in transfers)
+            if ((uint)t.Peer >= (uint)Size || t.Peer == Rank)
+                throw new ArgumentException($"{Describe()}: peer {t.Peer} is not another member of the group.");
+        Run("send_recv", transfers[0].Tensor, seq => ExchangeCore(transfers, seq), pointToPoint: true);
+    }
+
+    /// <summary>Waits until every member has reached this point.</summary>
+    public void Barrier()
+    {
+        if (Size == 1) return;
+        Run("barrier", null, BarrierCore);
+    }
+
+    /// <summary>Every member's <paramref name="value"/>: result[j] is member j's (a small all-gather through the device).</summary>
+    public long[] AllGatherScalars(long value)
+    {
+        using var mine = torch.tensor(new[] { value }, device: DeviceForScalars);
+        using var all = torch.zeros(Size, dtype: ScalarType.Int64, device: DeviceForScalars);
+        AllGather(mine, all);
+        return all.cpu().data<long>().ToArray();
+    }
+
+    /// <summary>The device small host-visible exchanges use (CPU for in-process, the rank's GPU for NCCL).</summary>
+    public abstract Device DeviceForScalars { get; }
+
+    /// <summary>Sub-group of this communicator: members passing the same <paramref name="color"/> form one group, ordered by <paramref name="key"/>.</summary>
+    /// <remarks>Collective over this communicator (NCCL's ncclCommSplit); a negative colour takes part without joining a group and gets null.</remarks>
+    public abstract Communicator? Split(string name, int color, int key);
+
+    protected abstract void AllReduceCore(Tensor tensor, ReduceOp op, long sequence);
+    protected abstract void ReduceScatterCore(Tensor input, Tensor output, ReduceOp op, long sequence);
+    protected abstract void AllGatherCore(Tensor input, Tensor output, long sequence);
+    protected abstract void BroadcastCore(Tensor tensor, int root, long sequence);
+    protected abstract void AllToAllCore(Tensor input, long[] sendRows, Tensor output, long[] recvRows, long sequence);
+    protected abstract void ExchangeCore(IReadOnlyList<PeerTransfer> transfers, long sequence);
+    protected abstract void BarrierCore(long sequence);
+
+    private void CheckBlocks(Tensor whole, Tensor block, string op)
+    {
+        if (whole.shape.Length == 0 || block.shape.Length == 0 || whole.shape[0] != block.shape[0] * Size
+            || !whole.shape.Skip(1).SequenceEqual(block.shape.Skip(1)) || whole.dtype != block.dtype)
+            throw new ArgumentException($"{Describe()}: {op} needs [{Size}·n, …] and [n, …] of one dtype, got [{string.Join(", ", whole.shape)}] {whole.dtype} and [{string.Join(", ", block.shape)}] {block.dtype}.");
+        if (!whole.is_contiguous() || !block.is_contiguous())
+            throw new ArgumentException($"{Describe()}: {op} needs contiguous tensors.");
+    }
+
+    /// <summary>
+    /// Numbers and records the operation, then runs it. Collectives and point-to-point transfers are numbered
+    /// apart: every member issues the same collectives in the same order, but transfers involve only pairs.
+    /// </summary>
+    private void Run(string op, Tensor? tensor, Action<long> body, bool pointToPoint = false)
+    {
+        long sequence = Interlocked.Increment(ref pointToPoint ? ref _transferSequence : ref _sequence);
+        var record = new CollectiveRecord(sequence, op, tensor is null ? "" : $"{tensor.dtype}[{string.Join(", ", tensor.shape)}]", DateTime.UtcNow);
+        lock (_recent)
+        {
+            _recent.Enqueue(record);
+            while (_recent.Count > 16) _recent.Dequeue();
+        }
+        body(sequence);
+    }
+
+    /// <summary>Releases the backend's resources for this group.</summary>
+    public virtual void Dispose() => GC.SuppressFinalize(this);
+}
+
+/// <summary>One operation a rank issued in a group, for hang reports.</summary>
+/// <param name="Sequence">1 for the group's first operation on this rank, and so on.</param>
+/// <param name="Operation">all_reduce, all_to_all, ...</param>
+/// <param name="Shape">The tensor's dtype and shape.</param>
+/// <param name="Started">When the rank issued it.</param>
+public sealed record CollectiveRecord(long Sequence, string Operation, string Shape, DateTime Started);
+
+/// <summary>
+/// A collective did not complete within its deadline: a member never arrived (crashed, stopped, or issuing a
+/// different sequence of operations) or the transport failed. The message names the group, its ranks, the
+/// operation, its sequence number and how long this rank waited.
+/// </summary>
+public sealed class CollectiveTimeoutException : Exception
+{
+    public CollectiveTimeoutException(string message) : base(message) { }
+}

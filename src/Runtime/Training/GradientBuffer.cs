@@ -1,0 +1,186 @@
+using Moe.Runtime.Distributed;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Training;
+
+// Shapes: N elements of a buffer (parameters laid end to end, buckets padded), D members of the reducing group.
+
+/// <summary>A parameter of a <see cref="GradientBuffer"/>: its name, and where its gradient lives in the flat buffer.</summary>
+/// <param name="Name">The parameter's name in the model (hub-independent: checkpoints map it).</param>
+/// <param name="Parameter">The parameter.</param>
+/// <param name="Offset">First element in the buffer.</param>
+/// <param name="Decays">Whether AdamW's weight decay applies (Megatron: matrices yes, 1-D parameters no).</param>
+/// <param name="CountedInNorm">Whether this rank counts the parameter in the global gradient norm (false for copies that another rank counts, e.g. tensor-parallel duplicates).</param>
+public sealed record BufferEntry(string Name, Parameter Parameter, long Offset, bool Decays, bool CountedInNorm)
+{
+    /// <summary>Elements of the parameter.</summary>
+    public long Numel => Parameter.NumberOfElements;
+}
+
+/// <summary>A contiguous run of a buffer reduced by one collective: [Start, Start + Length), Length a multiple of the group size.</summary>
+public sealed record GradientBucket(int Index, long Start, long Length, int FirstEntry, int EntryCount);
+
+/// <summary>
+/// Megatron-Core's ParamAndGradBuffer for one reduction domain (distributed/param_and_grad_buffer.py): the
+/// gradients of a set of parameters — the dense ones, reduced over data parallel × context parallel, or the
+/// expert ones, reduced over expert data parallel — laid end to end in backward order and cut into buckets,
+/// each reduced by one collective.
+/// </summary>
+/// <remarks>
+/// <para>
+/// Each parameter's <c>.grad</c> is bound to a view of the buffer, so autograd and the experts' own backward
+/// accumulate into it in place and a bucket is one contiguous tensor for NCCL. With bf16 parameters the views
+/// are bf16 (autograd requires the parameter's dtype) and each micro-batch's gradients are added into an fp32
+/// main-gradient buffer (Megatron's <c>main_grad</c>, accumulate_allreduce_grads_in_fp32, which Megatron forces
+/// on with bf16), so accumulation over micro-batches and the reduction happen in fp32. With fp32 parameters
+/// the views are the main gradients themselves.
+/// </para>
+/// <para>
+/// Buckets hold whole parameters and close once they reach the bucket size (Megatron: max(40M, 1M·D)
+/// elements); each is padded to a multiple of D so that a reduce-scatter gives every member an equal,
+/// contiguous shard — the slice the distributed optimizer owns. Gradients are pre-scaled by
+/// <see cref="GradientScale"/> (Megatron's gradient_scaling_factor, 1/DP by default) and summed.
+/// </para>
+/// </remarks>
+public sealed class GradientBuffer : IDisposable
+{
+    private readonly List<BufferEntry> _entries = new();
+    private readonly List<GradientBucket> _buckets = new();
+    private bool _firstMicroBatch = true;
+
+    /// <param name="name">"dense" or "expert", for reports.</param>
+    /// <param name="parameters">The parameters in backward order (the reverse of the forward's use), with their decay and norm flags.</param>
+    /// <param name="group">The group that reduces these gradients.</param>
+    /// <param name="bucketElements">Bucket size in elements.</param>
+    /// <param name="gradientScale">Factor applied to the gradients before they are summed over the group.</param>
+    public GradientBuffer(string name, IReadOnlyList<(string Name, Parameter Parameter, bool Decays, bool CountedInNorm)> parameters,
+        Communicator group, long bucketElements, double gradientScale)
+    {
+        if (parameters.Count == 0) throw new ArgumentException($"The {name} gradient buffer has no parameters.");
+        var dtype = parameters[0].Parameter.dtype;
+        var device = parameters[0].Parameter.device;
+        if (parameters.Any(p => p.Parameter.dtype != dtype))
+            throw new ArgumentException($"The {name} gradient buffer mixes dtypes; Megatron keeps one buffer per (param dtype, grad dtype).");
+        Name = name;
+        Group = group;
+        GradientScale = gradientScale;
+        ParameterDtype = dtype;
+        long offset = 0, bucketStart = 0;
+        int first = 0;
+        for (int i = 0; i < parameters.Count; i++)
+        {
+            var (n, p, decays, counted) = parameters[i];
+            _entries.Add(new BufferEntry(n, p, offset, decays, counted));
+            offset += p.NumberOfElements;
+            if (offset - bucketStart >= bucketElements || i == parameters.Count - 1)
+            {
+                long length = RoundUp(offset - bucketStart, group.Size);
+                _buckets.Add(new GradientBucket(_buckets.Count, bucketStart, length, first, i + 1 - first));
+                offset = bucketStart + length;
+                bucketStart = offset;
+                first = i + 1;
+            }
+        }
+        Length = offset;
+        MainGrad = torch.zeros(Length, dtype: ScalarType.Float32, device: device);
+        ModelGrad = dtype == ScalarType.Float32 ? null : torch.zeros(Length, dtype: dtype, device: device);
+        BindGradients();
+    }
+
+    /// <summary>"dense" or "expert".</summary>
+    public string Name { get; }
+
+    /// <summary>The group that reduces these gradients (dp_cp for dense, expert_dp for experts).</summary>
+    public Communicator Group { get; }
+
+    /// <summary>Gradients are multiplied by this before the sum over <see cref="Group"/>.</summary>
+    public double GradientScale { get; }
+
+    /// <summary>The parameters' dtype.</summary>
+    public ScalarType ParameterDtype { get; }
+
+    /// <summary>Elements, padding included.</summary>
+    public long Length { get; }
+
+    /// <summary>fp32 gradients [N], accumulated over the step's micro-batches and reduced in place.</summary>
+    public Tensor MainGrad { get; }
+
+    /// <summary>The parameters' own gradients [N] in their dtype, when that is not fp32; null otherwise.</summary>
+    public Tensor? ModelGrad { get; }
+
+    public IReadOnlyList<BufferEntry> Entries => _entries;
+
+    public IReadOnlyList<GradientBucket> Buckets => _buckets;
+
+    /// <summary>This member's shard of a bucket: the elements the distributed optimizer updates here.</summary>
+    public (long Start, long Length) Shard(GradientBucket bucket)
+    {
+        long length = bucket.Length / Group.Size;
+        return (bucket.Start + Group.Rank * length, length);
+    }
+
+    /// <summary>The entries of a bucket.</summary>
+    public IEnumerable<BufferEntry> EntriesOf(GradientBucket bucket) => _entries.Skip(bucket.FirstEntry).Take(bucket.EntryCount);
+
+    /// <summary>Zeroes the buffers for a new step and (re)binds every parameter's gradient to its view.</summary>
+    public void BindGradients()
+    {
+        using var _ = torch.no_grad();
+        MainGrad.zero_();
+        ModelGrad?.zero_();
+        var grads = ModelGrad ?? MainGrad;
+        foreach (var e in _entries)
+            e.Parameter.grad = grads.narrow(0, e.Offset, e.Numel).view(e.Parameter.shape);
+        _firstMicroBatch = true;
+    }
+
+    /// <summary>
+    /// After each micro-batch's backward: with bf16 parameters, adds the micro-batch's gradients into the fp32
+    /// main gradients and clears them (the first micro-batch copies, so the main buffer needs no zeroing pass).
+    /// </summary>
+    public void AccumulateMicroBatch()
+    {
+        if (ModelGrad is null) return;
+        using var _ = torch.no_grad();
+        if (_firstMicroBatch) MainGrad.copy_(ModelGrad);
+        else MainGrad.add_(ModelGrad);
+        ModelGrad.zero_();
+        _firstMicroBatch = false;
+    }
+
+    /// <summary>
+    /// Reduces every bucket over <see cref="Group"/> after the last micro-batch: scaled by
+    /// <see cref="GradientScale"/>, then reduce-scattered (each member keeps the sum of its shard; the
+    /// distributed optimizer) or all-reduced (every member keeps the whole sum).
+    /// </summary>
+    public void Reduce(bool sharded)
+    {
+        using var _ = torch.no_grad();
+        foreach (var b in _buckets) ReduceBucket(b, sharded);
+    }
+
+    private void ReduceBucket(GradientBucket b, bool sharded)
+    {
+        using var view = MainGrad.narrow(0, b.Start, b.Length);
+        if (GradientScale != 1.0) view.mul_(GradientScale);
+        if (!sharded)
+        {
+            Group.AllReduce(view);
+            return;
+        }
+        var (start, length) = Shard(b);
+        using var shard = MainGrad.narrow(0, start, length);
+        Group.ReduceScatter(view, shard);
+    }
+
+    private static long RoundUp(long value, long multiple) => (value + multiple - 1) / multiple * multiple;
+
+    public void Dispose()
+    {
+        foreach (var e in _entries) e.Parameter.grad = null;
+        MainGrad.Dispose();
+        ModelGrad?.Dispose();
+    }
+}
