@@ -160,9 +160,13 @@ public abstract class Communicator : IDisposable
     /// <summary>The device small host-visible exchanges use (CPU for in-process, the rank's GPU for NCCL).</summary>
     public abstract Device DeviceForScalars { get; }
 
-    /// <summary>Sub-group of this communicator: members passing the same <paramref name="color"/> form one group, ordered by <paramref name="key"/>.</summary>
-    /// <remarks>Collective over this communicator (NCCL's ncclCommSplit); a negative colour takes part without joining a group and gets null.</remarks>
-    public abstract Communicator? Split(string name, int color, int key);
+    /// <summary>
+    /// This rank's sub-group: members passing the same <paramref name="color"/> form one group, ordered as
+    /// <paramref name="members"/> (its global ranks, this rank among them) lists them — the caller's layout knows
+    /// the groups, the backend checks or trusts it. Collective over this communicator (NCCL's ncclCommSplit, with
+    /// the index in <paramref name="members"/> as key); a negative colour takes part without joining and gets null.
+    /// </summary>
+    public abstract Communicator? Split(string name, int color, int[] members);
 
     protected abstract void AllReduceCore(Tensor tensor, ReduceOp op, long sequence);
     protected abstract void ReduceScatterCore(Tensor input, Tensor output, ReduceOp op, long sequence);

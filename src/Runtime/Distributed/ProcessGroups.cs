@@ -60,7 +60,7 @@ public sealed class ProcessGroups : IDisposable
                 }
                 groups._groups[family] = all.All(g => g.Length == 1)
                     ? new SelfCommunicator(family, rank, world.Timeout, world.DeviceForScalars)
-                    : world.Split(family, index, Array.IndexOf(members, rank))
+                    : world.Split(family, index, members)
                       ?? throw new InvalidOperationException($"Split of {family} returned no group for global rank {rank}.");
                 if (!groups._groups[family].Ranks.SequenceEqual(members))
                     throw new InvalidOperationException($"{family}: the backend made group [{string.Join(", ", groups._groups[family].Ranks)}], the layout says [{string.Join(", ", members)}].");
@@ -147,7 +147,7 @@ public sealed class SelfCommunicator : Communicator
 
     public override Device DeviceForScalars => _device;
 
-    public override Communicator? Split(string name, int color, int key) => color < 0 ? null : new SelfCommunicator(name, GlobalRank, Timeout, _device);
+    public override Communicator? Split(string name, int color, int[] members) => color < 0 ? null : new SelfCommunicator(name, GlobalRank, Timeout, _device);
 
     protected override void AllReduceCore(Tensor tensor, ReduceOp op, long sequence) { }
     protected override void ReduceScatterCore(Tensor input, Tensor output, ReduceOp op, long sequence) => output.copy_(input);

@@ -13,7 +13,7 @@ using static TorchSharp.torch;
 namespace Moe.Runtime.Training;
 
 /// <summary>Where samples come from: index i of the run's sample stream.</summary>
-public interface ISampleSource
+public interface ISampleSource : IDisposable
 {
     GptSample Sample(long index);
 }
@@ -298,7 +298,7 @@ public sealed class Trainer : IDisposable
 }
 
 /// <summary>Samples of a Megatron indexed dataset's training split.</summary>
-public sealed class IndexedSampleSource : ISampleSource, IDisposable
+public sealed class IndexedSampleSource : ISampleSource
 {
     private readonly IndexedDataset _data;
     private readonly IndexedDataset? _lossMask;

@@ -106,10 +106,10 @@ public class InProcessCommunicatorTests
     [Fact]
     public void Split_FormsTheGroupsOfEachColourInKeyOrder()
     {
-        // Four ranks, colour = rank % 2, key = −rank: groups {2, 0} and {3, 1}; an all-reduce sums within the group.
+        // Four ranks, colour = rank % 2, members listed high to low: groups [2, 0] and [3, 1]; an all-reduce sums within the group.
         var results = OnRanks(4, c =>
         {
-            var g = c.Split("pairs", c.Rank % 2, -c.Rank)!;
+            var g = c.Split("pairs", c.Rank % 2, c.Rank % 2 == 0 ? [2, 0] : [3, 1])!;
             var t = torch.tensor(new float[] { c.Rank });
             g.AllReduce(t);
             return (g.Ranks, g.Rank, Values(t)[0]);
@@ -119,6 +119,13 @@ public class InProcessCommunicatorTests
         Assert.Equal(2f, results[0].Item3);
         Assert.Equal(new[] { 3, 1 }, results[3].Ranks);
         Assert.Equal(4f, results[1].Item3);
+    }
+
+    [Fact]
+    public void Split_WhereRanksDisagreeAboutTheGroups_IsReported()
+    {
+        var e = Assert.ThrowsAny<Exception>(() => OnRanks(2, c => c.Split("tp", 0, c.Rank == 0 ? [0, 1] : [1, 0])));
+        Assert.Contains("the ranks disagree about the layout", e.Message);
     }
 
     [Fact]

@@ -11,14 +11,15 @@ public sealed class TrainCommandDefinition
     public TrainCommandDefinition(RecipeSettings recipe)
     {
         Recipe = recipe;
-        Command = new Command(Name, "Train the recipe in one process on the CPU or one GPU (validated by the rule set first).");
+        Command = new Command(Name, "Train the recipe (validated by the rule set first): on the CPU or one GPU, or with --simulate its whole topology on the CPU.");
         Options = new RecipeOptions(recipe);
         Options.AddTo(Command);
         Metrics = new Option<string?>("--metrics") { Description = "Append one JSON line per step to this file (step, losses, lr, grad_norm, tokens_per_expert, drop_rate, tokens_per_s)." };
         Device = new Option<string>("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
         Device.AcceptOnlyFromAmong("cpu", "cuda");
         LogEvery = new Option<int>("--log-every") { Description = "When stderr is not a terminal, print a progress line every this many steps.", DefaultValueFactory = _ => 10 };
-        foreach (var o in new Option[] { Metrics, Device, LogEvery }) Command.Options.Add(o);
+        Simulate = new Option<bool>("--simulate") { Description = "Run the recipe's exact topology on the CPU, one thread per rank (in-process collectives); a model too large for that is shrunk within its family, and the run says so." };
+        foreach (var o in new Option[] { Metrics, Device, LogEvery, Simulate }) Command.Options.Add(o);
     }
 
     public RecipeSettings Recipe { get; }
@@ -27,4 +28,5 @@ public sealed class TrainCommandDefinition
     public Option<string?> Metrics { get; }
     public Option<string> Device { get; }
     public Option<int> LogEvery { get; }
+    public Option<bool> Simulate { get; }
 }

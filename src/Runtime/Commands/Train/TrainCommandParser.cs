@@ -9,8 +9,8 @@ public static class TrainCommandParser
     public static Command Create(RecipeSettings recipe)
     {
         var d = new TrainCommandDefinition(recipe);
-        d.Command.SetAction(parse => TrainCommand.Execute(
-            d.Options.Apply(recipe, parse), parse.GetValue(d.Device)!, parse.GetValue(d.Metrics), parse.GetValue(d.LogEvery), Console.Out));
+        d.Command.SetAction(parse => TrainCommand.Execute(new TrainCommand.Request(
+            d.Options.Apply(recipe, parse), parse.GetValue(d.Device)!, parse.GetValue(d.Metrics), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate)), Console.Out));
         return d.Command;
     }
 }

@@ -111,19 +111,24 @@ internal sealed class InProcessCommunicator : Communicator
 
     public override Device DeviceForScalars => CPU;
 
-    public override Communicator? Split(string name, int color, int key)
+    public override Communicator? Split(string name, int color, int[] members)
     {
-        int[]? members = null;
+        int key = color < 0 ? -1 : Array.IndexOf(members, GlobalRank);
+        if (color >= 0 && key < 0) throw new ArgumentException($"{Describe()}: split {name}: global rank {GlobalRank} is not among the members [{string.Join(", ", members)}].");
+        int[]? formed = null;
         Collect("split", $"split {name}", (color, key), -Interlocked.Increment(ref _splitSequence), all =>
         {
             if (color < 0) return;
-            members = Enumerable.Range(0, Size)
+            formed = Enumerable.Range(0, Size)
                 .Select(i => (Member: i, Pair: ((int Color, int Key))all[i]!))
                 .Where(x => x.Pair.Color == color)
                 .OrderBy(x => x.Pair.Key).ThenBy(x => x.Member)
-                .Select(x => x.Member).ToArray();
+                .Select(x => Ranks[x.Member]).ToArray();
         });
-        return members is null ? null : new InProcessCommunicator(_world, name, members.Select(m => Ranks[m]).ToArray(), Array.IndexOf(members, Rank));
+        if (formed is null) return null;
+        if (!formed.SequenceEqual(members))
+            throw new InvalidOperationException($"{Describe()}: split {name} formed [{string.Join(", ", formed)}] for global rank {GlobalRank}, which expected [{string.Join(", ", members)}]: the ranks disagree about the layout.");
+        return new InProcessCommunicator(_world, name, formed, Array.IndexOf(formed, GlobalRank));
     }
 
     protected override void AllReduceCore(Tensor tensor, ReduceOp op, long sequence) =>
