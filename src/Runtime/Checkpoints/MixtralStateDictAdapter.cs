@@ -11,7 +11,12 @@ namespace Moe.Runtime.Checkpoints;
 /// <param name="Key">Hub key, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight.</param>
 /// <param name="Parameter">The model parameter holding it.</param>
 /// <param name="Slice">Selects the tensor from the parameter (or its gradient).</param>
-public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice);
+/// <param name="Block">Selects, from the whole hub tensor, the block this rank holds (identity unless the tensor is split over ranks).</param>
+public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, Func<Tensor, Tensor>? Block = null)
+{
+    /// <summary>Whether this rank holds only part of the hub tensor.</summary>
+    public bool IsPartial => Block is not null;
+}
 
 /// <summary>
 /// Maps Hugging Face Mixtral checkpoints (hub key names) to our grouped expert tensors and back
@@ -20,11 +25,10 @@ public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Paramete
 /// </summary>
 public static class MixtralStateDictAdapter
 {
-    /// <summary>Every hub tensor of the model in checkpoint order.</summary>
+    /// <summary>Every hub tensor of this rank's model in checkpoint order (its own experts, and its FFN slice of each under expert tensor parallel).</summary>
     public static IReadOnlyList<HubTensor> HubTensors(MixtralModel model)
     {
         var c = model.Config;
-        long ffn = c.IntermediateSize;
         var list = new List<HubTensor>
         {
             new("lm_head.weight", model.LmHead, t => t),
@@ -34,13 +38,17 @@ public static class MixtralStateDictAdapter
         {
             var layer = model.Layers[l];
             string p = $"model.layers.{l}.";
-            for (int e = 0; e < c.Experts; e++)
+            var place = layer.Moe.Dispatcher.Placement;
+            long slice = c.IntermediateSize / place.TensorSize, at = place.TensorRank * slice;
+            Func<Tensor, Tensor>? rows = place.TensorSize == 1 ? null : t => t.narrow(0, at, slice);
+            Func<Tensor, Tensor>? columns = place.TensorSize == 1 ? null : t => t.narrow(1, at, slice);
+            for (int e = place.FirstExpert; e < place.FirstExpert + place.LocalExperts; e++)
             {
-                int ex = e;
+                int j = e - place.FirstExpert;
                 string ep = $"{p}block_sparse_moe.experts.{e}.";
-                list.Add(new(ep + "w1.weight", layer.Moe.ExpertWeights.GateUp, t => t[ex].narrow(0, 0, ffn)));
-                list.Add(new(ep + "w2.weight", layer.Moe.ExpertWeights.Down, t => t[ex]));
-                list.Add(new(ep + "w3.weight", layer.Moe.ExpertWeights.GateUp, t => t[ex].narrow(0, ffn, ffn)));
+                list.Add(new(ep + "w1.weight", layer.Moe.ExpertWeights.GateUp, t => t[j].narrow(0, 0, slice), rows));
+                list.Add(new(ep + "w2.weight", layer.Moe.ExpertWeights.Down, t => t[j], columns));
+                list.Add(new(ep + "w3.weight", layer.Moe.ExpertWeights.GateUp, t => t[j].narrow(0, slice, slice), rows));
             }
             list.Add(new(p + "block_sparse_moe.gate.weight", layer.Moe.Gate, t => t));
             list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
@@ -99,7 +107,7 @@ public static class MixtralStateDictAdapter
                 var target = h.Slice(h.Parameter);
                 if (byKey.TryGetValue(h.Key, out var file))
                 {
-                    CopyInto(target, file, h.Key);
+                    CopyInto(target, file, h.Key, h.Block);
                     used.Add(h.Key);
                 }
                 else if (!LoadFused(model, h, byKey, used))
@@ -135,19 +143,25 @@ public static class MixtralStateDictAdapter
         string fused = parts[6] == "w2" ? layerPrefix + "experts.down_proj" : layerPrefix + "experts.gate_up_proj";
         if (!byKey.TryGetValue(fused, out var f)) return false;
         if (used.Add(fused))
-            CopyInto(parts[6] == "w2" ? layer.Moe.ExpertWeights.Down : layer.Moe.ExpertWeights.GateUp, f, fused);
+        {
+            // This rank's experts, and its FFN slice of each, as the model's parameter shard says.
+            var weight = parts[6] == "w2" ? layer.Moe.ExpertWeights.Down : layer.Moe.ExpertWeights.GateUp;
+            var shard = model.ParametersInForwardOrder().Single(p => ReferenceEquals(p.Parameter, weight)).Shard;
+            CopyInto(weight, f, fused, shard.IsWhole ? null : t => shard.Slice(t).reshape(weight.shape));
+        }
         return true;
     }
 
-    private static void CopyInto(Tensor target, SafetensorsFile file, string key)
+    private static void CopyInto(Tensor target, SafetensorsFile file, string key, Func<Tensor, Tensor>? block = null)
     {
         var entry = file.Entry(key);
-        if (!entry.Shape.SequenceEqual(target.shape))
-            throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}] from config.json.");
         using var source = file.Map(key);   // zero-copy view of the mapped bytes; copy_ converts dtype and device
+        using var mine = block is null ? source.alias() : block(source);   // this rank's block, still a view of the file
+        if (!mine.shape.SequenceEqual(target.shape))
+            throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}]{(block is null ? "" : " for this rank's block")} from config.json.");
         if (!source.is_floating_point())
             throw new UserError($"{file.Path}: tensor '{key}' is {entry.Dtype}; weights must be floating point.");
-        target.copy_(source);
+        target.copy_(mine);
     }
 
     private static List<SafetensorsFile> OpenCheckpoint(string directory)
@@ -209,6 +223,8 @@ public static class MixtralStateDictAdapter
     /// <param name="maxShardBytes">Largest shard (transformers' default max_shard_size is 5 GB; a tensor larger than it gets a shard of its own).</param>
     public static void Save(MixtralModel model, string directory, long maxShardBytes = 5_000_000_000)
     {
+        if (model.Layers.Any(l => l.Moe.Dispatcher.Placement.LocalExperts != model.Config.Experts || l.Moe.Dispatcher.Placement.TensorSize != 1))
+            throw new UserError("This rank holds only some experts (expert parallel): a Hugging Face folder needs them all; save a distributed checkpoint instead.");
         Directory.CreateDirectory(directory);
         var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
         long shardBytes = 0, totalBytes = 0;

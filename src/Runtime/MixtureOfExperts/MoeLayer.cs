@@ -57,12 +57,23 @@ public sealed class MoeLayer : nn.Module
     private readonly Experts experts;
     private readonly GlobalAuxLossTracker globalTracker;
 
-    public MoeLayer(int numExperts, int hidden, int ffn, MoeOptions options, ScalarType dtype, Device device) : base("mlp")
+    /// <param name="numExperts">E, all experts of the layer (the router scores every one).</param>
+    /// <param name="hidden">H.</param>
+    /// <param name="ffn">Each expert's FFN width (before any expert tensor-parallel split).</param>
+    /// <param name="options">Routing, capacity and loss semantics.</param>
+    /// <param name="dtype">Parameter dtype.</param>
+    /// <param name="device">Parameter device.</param>
+    /// <param name="dispatcher">Where the experts live: all here (null), or the expert-parallel dispatcher of this rank's experts.</param>
+    public MoeLayer(int numExperts, int hidden, int ffn, MoeOptions options, ScalarType dtype, Device device, IExpertDispatcher? dispatcher = null) : base("mlp")
     {
         Options = options;
         NumExperts = numExperts;
+        Dispatcher = dispatcher ?? new LocalExpertDispatcher(numExperts);
+        var placement = Dispatcher.Placement;
+        if (placement.TotalExperts != numExperts || ffn % placement.TensorSize != 0)
+            throw new ArgumentException($"Expert placement {placement} does not fit {numExperts} experts of FFN width {ffn}.");
         gate = new Parameter(torch.empty(numExperts, hidden, dtype: dtype, device: device));
-        experts = new Experts(numExperts, hidden, ffn, dtype, device);
+        experts = new Experts(placement.LocalExperts, hidden, ffn / placement.TensorSize, dtype, device);
         RegisterComponents();
         // Not a registered component: the running counts are run state, not a weight (Megatron keeps them
         // in a non-persistent buffer).
@@ -71,12 +82,15 @@ public sealed class MoeLayer : nn.Module
 
     public MoeOptions Options { get; set; }
 
+    /// <summary>How rows reach this rank's experts (<see cref="LocalExpertDispatcher"/> when every expert is here).</summary>
+    public IExpertDispatcher Dispatcher { get; }
+
     public int NumExperts { get; }
 
     /// <summary>Router weight W_gate [E, H] (hub: block_sparse_moe.gate.weight).</summary>
     public Parameter Gate => gate;
 
-    /// <summary>The grouped expert weights.</summary>
+    /// <summary>This rank's experts' grouped weights (all experts on one device).</summary>
     public Experts ExpertWeights => experts;
 
     /// <summary>Running routed counts for the global aux loss; reset once per global batch.</summary>
@@ -89,7 +103,8 @@ public sealed class MoeLayer : nn.Module
         HostTrace.Mark("router");
         var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
         HostTrace.Mark("permute");
-        var outputsRH = experts.Forward(dispatch.RowsRH, dispatch.RowsPerExpertE);
+        var (rowsQH, rowsPerLocalExpert, context) = Dispatcher.Dispatch(dispatch.RowsRH, dispatch.RowsPerExpertE);
+        var outputsRH = Dispatcher.Combine(experts.Forward(rowsQH, rowsPerLocalExpert), context);
         HostTrace.Mark("experts");
         var output = new MoeLayerOutput(LocalTokenDispatcher.Unpermute(outputsRH, dispatch, hiddenTH.shape[0]), routing, dispatch);
         HostTrace.Mark("unpermute");

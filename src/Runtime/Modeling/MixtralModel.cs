@@ -16,13 +16,13 @@ public sealed class DecoderLayer : nn.Module
     private readonly MoeLayer mlp;
     private readonly double eps;
 
-    public DecoderLayer(MixtralConfig c, MoeOptions options, ScalarType dtype, Device device) : base("layer")
+    public DecoderLayer(MixtralConfig c, MoeOptions options, ScalarType dtype, Device device, IExpertDispatcher? dispatcher = null) : base("layer")
     {
         eps = c.RmsNormEps;
         input_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
         post_attention_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
         self_attn = new Attention(c, dtype, device);
-        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device);
+        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device, dispatcher);
         RegisterComponents();
     }
 
@@ -67,14 +67,20 @@ public sealed class MixtralModel : nn.Module
     private readonly Parameter embed_tokens, norm, lm_head;
     private readonly ModuleList<DecoderLayer> layers;
 
-    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device) : base("model")
+    /// <param name="config">The model's config.</param>
+    /// <param name="options">Routing, capacity and loss semantics of every MoE layer.</param>
+    /// <param name="dtype">Parameter dtype.</param>
+    /// <param name="device">Parameter device.</param>
+    /// <param name="plan">This rank's cut of the model (its experts and their dispatcher); null for the whole model on one device.</param>
+    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device, ParallelPlan? plan = null) : base("model")
     {
         if (config.TieWordEmbeddings)
             throw new UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
         Dtype = dtype;
+        Plan = plan;
         embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
-        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device)).ToArray());
+        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher())).ToArray());
         norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
         lm_head = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
         RegisterComponents();
@@ -82,29 +88,39 @@ public sealed class MixtralModel : nn.Module
 
     public MixtralConfig Config { get; }
 
+    /// <summary>This rank's cut of the model, or null for the whole model.</summary>
+    public ParallelPlan? Plan { get; }
+
     public ScalarType Dtype { get; }
 
     /// <summary>
-    /// Every parameter in the order the forward first uses it, with its name (as named_parameters() gives it)
-    /// and whether it belongs to the experts (reduced over expert data parallel, not data parallel).
+    /// Every parameter of this rank in the order the forward first uses it, with its layout-independent name and
+    /// its place in the whole tensor (<see cref="TensorShard"/>). The names key initialisation, gradient buffers
+    /// and checkpoints; layer numbers are the model's.
     /// </summary>
-    public IEnumerable<(string Name, Parameter Parameter, bool IsExpert)> ParametersInForwardOrder()
+    public IEnumerable<ModelParameter> ParametersInForwardOrder()
     {
-        var names = named_parameters().ToDictionary(np => np.parameter.Handle, np => np.name);
-        (string, Parameter, bool) Named(Parameter p, bool expert = false) => (names[p.Handle], p, expert);
-        yield return Named(embed_tokens);
-        foreach (var layer in layers)
+        ModelParameter Whole(string name, Parameter p) => new(name, p, false, TensorShard.Whole(p.shape));
+        yield return Whole("model.embed_tokens", embed_tokens);
+        for (int l = 0; l < layers.Count; l++)
         {
-            yield return Named(layer.InputNorm);
-            yield return Named(layer.SelfAttention.Qkv);
-            yield return Named(layer.SelfAttention.O);
-            yield return Named(layer.PostAttentionNorm);
-            yield return Named(layer.Moe.Gate);
-            yield return Named(layer.Moe.ExpertWeights.GateUp, expert: true);
-            yield return Named(layer.Moe.ExpertWeights.Down, expert: true);
+            var layer = layers[l];
+            string prefix = $"model.layers.{l}.";
+            yield return Whole(prefix + "input_layernorm", layer.InputNorm);
+            yield return Whole(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv);
+            yield return Whole(prefix + "self_attn.o_proj", layer.SelfAttention.O);
+            yield return Whole(prefix + "post_attention_layernorm", layer.PostAttentionNorm);
+            yield return Whole(prefix + "mlp.gate", layer.Moe.Gate);
+            var place = layer.Moe.Dispatcher.Placement;
+            long e = place.TotalExperts, local = place.LocalExperts, h = Config.HiddenSize, ffn = Config.IntermediateSize, slice = ffn / place.TensorSize;
+            long first = place.FirstExpert, at = place.TensorRank * slice;
+            yield return new(prefix + "mlp.experts.gate_up", layer.Moe.ExpertWeights.GateUp, true,
+                new TensorShard([e, 2, ffn, h], [local, 2, slice, h], [first, 0, at, 0]));
+            yield return new(prefix + "mlp.experts.down", layer.Moe.ExpertWeights.Down, true,
+                new TensorShard([e, h, ffn], [local, h, slice], [first, 0, at]));
         }
-        yield return Named(norm);
-        yield return Named(lm_head);
+        yield return Whole("model.norm", norm);
+        yield return Whole("lm_head", lm_head);
     }
 
     public Parameter Embedding => embed_tokens;
@@ -123,16 +139,14 @@ public sealed class MixtralModel : nn.Module
         return model;
     }
 
-    /// <summary>transformers' initialisation: normal(0, 0.02) for matrices, ones for norms, from a seeded generator.</summary>
+    /// <summary>
+    /// transformers' initialisation — normal(0, std) for matrices, ones for norms — drawn per parameter and per
+    /// expert from generators seeded by name (<see cref="ParameterInit"/>), so every layout holds its block of the
+    /// same model.
+    /// </summary>
     public void InitializeWeights(long seed, double std = 0.02)
     {
-        using var _ = torch.no_grad();
-        var gen = new torch.Generator((ulong)seed);
-        foreach (var (name, p) in named_parameters())
-        {
-            if (p.dim() == 1) p.fill_(1.0);
-            else p.copy_(torch.randn(p.shape, dtype: ScalarType.Float32, generator: gen).mul_(std).to(p.dtype));
-        }
+        foreach (var p in ParametersInForwardOrder()) ParameterInit.Fill(p, seed, std);
     }
 
     /// <summary>

@@ -88,6 +88,8 @@ public sealed class Trainer : IDisposable
         if (settings.Training.Precision == Precision.Bf16 && dtype == ScalarType.Float32 && rank.Reports)
             log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
         var options = MoeOptions.From(settings);
+        RefuseUnimplemented(settings.Parallelism);
+        var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher);
 
         // 1. The single-device model. 2. Parallelize: data parallel changes nothing in the model.
         // 3. Initialise (seeded, the same on every rank) or load.
@@ -95,13 +97,13 @@ public sealed class Trainer : IDisposable
         {
             var config = MixtralStateDictAdapter.ReadConfig(load);
             CheckMatches(config, MixtralConfig.From(settings.Model), load);
-            _model = new MixtralModel(config, options, dtype, device);
+            _model = new MixtralModel(config, options, dtype, device, plan);
             MixtralStateDictAdapter.Load(_model, load);
             if (rank.Reports) log.WriteLine($"loaded {load}");
         }
         else
         {
-            _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device);
+            _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
             _model.InitializeWeights(settings.Training.Seed);
         }
         _model.train();
@@ -113,12 +115,28 @@ public sealed class Trainer : IDisposable
         double scale = 1.0 / groups.DpCp.Size;   // Megatron's gradient_scaling_factor, dense and expert alike
         var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
+        Parameters = inBackwardOrder.AsEnumerable().Reverse().ToList();
         _buffers.Add(new GradientBuffer("dense", dense, groups.DpCp, bucket, scale));
         if (expert.Count > 0) _buffers.Add(new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale));
         _optimizer = new DistributedOptimizer(_buffers, groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
     }
 
     public MixtralModel Model => _model;
+
+    /// <summary>This rank's parameters in forward order, with names and shards.</summary>
+    public IReadOnlyList<ModelParameter> Parameters { get; }
+
+    /// <summary>Layouts whose parallelism this runtime does not implement yet are refused, never run wrong.</summary>
+    private static void RefuseUnimplemented(Parallelism p)
+    {
+        var missing = new List<string>();
+        if (p.Tensor > 1) missing.Add($"Tensor = {p.Tensor}");
+        if (p.Pipeline > 1) missing.Add($"Pipeline = {p.Pipeline}");
+        if (p.Context > 1) missing.Add($"Context = {p.Context}");
+        if (missing.Count > 0)
+            throw new UserError($"This runtime does not run tensor, pipeline or context parallelism yet ({string.Join(", ", missing)}); " +
+                "data and expert parallelism (Parallelism.Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
+    }
 
     /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
     public IReadOnlyList<GradientBuffer> Buffers => _buffers;
