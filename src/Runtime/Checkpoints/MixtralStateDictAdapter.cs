@@ -11,12 +11,9 @@ namespace Moe.Runtime.Checkpoints;
 /// <param name="Key">Hub key, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight.</param>
 /// <param name="Parameter">The model parameter holding it.</param>
 /// <param name="Slice">Selects the tensor from the parameter (or its gradient).</param>
-/// <param name="Block">Selects, from the whole hub tensor, the block this rank holds (identity unless the tensor is split over ranks).</param>
-public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, Func<Tensor, Tensor>? Block = null)
-{
-    /// <summary>Whether this rank holds only part of the hub tensor.</summary>
-    public bool IsPartial => Block is not null;
-}
+/// <param name="Block">Selects, from the whole hub tensor, the block this rank holds, shaped like <paramref name="Slice"/>'s result (null: the whole tensor, same shape).</param>
+/// <param name="HubShape">The hub shape of this rank's block when <paramref name="Slice"/> gives another view of it (q/k/v in the grouped layout); null when it is the same.</param>
+public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, Func<Tensor, Tensor>? Block = null, long[]? HubShape = null);
 
 /// <summary>
 /// Maps Hugging Face Mixtral checkpoints (hub key names) to our grouped expert tensors and back
@@ -53,11 +50,17 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "block_sparse_moe.gate.weight", layer.Moe.Gate, t => t));
             list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
             list.Add(new(p + "post_attention_layernorm.weight", layer.PostAttentionNorm, t => t));
-            var attention = layer.SelfAttention;
-            list.Add(new(p + "self_attn.k_proj.weight", attention.Qkv, t => t.narrow(0, attention.KRows.Start, attention.KRows.Count)));
-            list.Add(new(p + "self_attn.o_proj.weight", attention.O, t => t));
-            list.Add(new(p + "self_attn.q_proj.weight", attention.Qkv, t => t.narrow(0, attention.QRows.Start, attention.QRows.Count)));
-            list.Add(new(p + "self_attn.v_proj.weight", attention.Qkv, t => t.narrow(0, attention.VRows.Start, attention.VRows.Count)));
+            // q/k/v live in Megatron's grouped layout [g, r + 2, d, H]; each hub tensor is a view of it, and the hub
+            // tensor's rows for this rank's groups are viewed the same way.
+            var a = layer.SelfAttention;
+            int g = a.Groups, r = a.QueryHeadsPerGroup, d = a.HeadDim;
+            long firstGroup = (long)model.TensorRank * g;
+            Func<Tensor, Tensor> Rows(int heads) => hub => hub.view(-1, heads, d, hub.shape[^1]).narrow(0, firstGroup, g);
+            long h = c.HiddenSize;
+            list.Add(new(p + "self_attn.k_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r, 1), Rows(1), [(long)g * d, h]));
+            list.Add(new(p + "self_attn.o_proj.weight", a.O, t => t, model.TensorSize == 1 ? null : hub => hub.narrow(1, firstGroup * r * d, (long)g * r * d)));
+            list.Add(new(p + "self_attn.q_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, 0, r), Rows(r), [(long)g * r * d, h]));
+            list.Add(new(p + "self_attn.v_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r + 1, 1), Rows(1), [(long)g * d, h]));
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;
@@ -208,7 +211,8 @@ public static class MixtralStateDictAdapter
         HubTensors(model).Select(h =>
         {
             var source = gradients ? h.Parameter.grad ?? torch.zeros_like(h.Parameter) : (Tensor)h.Parameter;
-            return new KeyValuePair<string, Tensor>(h.Key, h.Slice(source.detach()));
+            var tensor = h.Slice(source.detach());
+            return new KeyValuePair<string, Tensor>(h.Key, h.HubShape is null ? tensor : tensor.reshape(h.HubShape));
         });
 
     /// <summary>

@@ -4,54 +4,83 @@ using static TorchSharp.torch;
 
 namespace Moe.Runtime.Modeling;
 
-// Shapes: B batch, S sequence, H hidden, Nq query heads, Nkv key-value heads, d head dim.
+// Shapes: B batch, S sequence, H hidden, Nq query heads, Nkv key-value heads (groups), d head dim,
+// r = Nq/Nkv query heads per group, g key-value groups on this rank (Nkv / TP).
 
 /// <summary>
 /// Grouped-query self-attention with rotary embeddings (transformers MixtralAttention): q/k/v/o
 /// projections without bias, RoPE on q and k (half-split layout), causal scaled-dot-product attention
-/// with scale d^-1/2 where query head h reads key-value head h / (Nq/Nkv).
+/// with scale d^-1/2 where query head h reads key-value head h / r.
 /// </summary>
+/// <remarks>
+/// <para>
+/// q, k and v are one weight in Megatron-Core's grouped layout (linear_qkv, shared/spec/megatron-formats.md §4.3):
+/// group k holds the r query heads k·r … k·r + r − 1, then key head k, then value head k — [Nkv, r + 2, d, H] —
+/// so the projection is one GEMM and a tensor-parallel rank's share (whole groups) is one contiguous block of
+/// rows. The state-dict adapter maps the hub's q_proj/k_proj/v_proj onto it.
+/// </para>
+/// <para>
+/// Under tensor parallelism (Megatron's ColumnParallelLinear / RowParallelLinear) this rank holds g = Nkv/TP
+/// groups of the q/k/v projection and the matching Nq/TP·d input columns of the output projection; its output is
+/// a partial sum the caller reduces over the tensor-parallel group.
+/// </para>
+/// </remarks>
 public sealed class Attention : nn.Module
 {
-    // q, k and v are one [(Nq + 2·Nkv)·d, H] weight so the projection is one GEMM; the state-dict adapter
-    // maps the hub's q_proj/k_proj/v_proj onto its row blocks.
     private readonly Parameter qkv_proj, o_proj;
-    private readonly int heads, kvHeads, headDim;
+    private readonly int groups, perGroup, headDim;
 
-    public Attention(MixtralConfig c, ScalarType dtype, Device device) : base("self_attn")
+    /// <param name="c">The config.</param>
+    /// <param name="dtype">Parameter dtype.</param>
+    /// <param name="device">Parameter device.</param>
+    /// <param name="tensorParallel">Tensor-parallel size: this rank holds Nkv / it groups.</param>
+    public Attention(MixtralConfig c, ScalarType dtype, Device device, int tensorParallel = 1) : base("self_attn")
     {
-        heads = c.Heads;
-        kvHeads = c.KeyValueHeads;
+        if (c.Heads % c.KeyValueHeads != 0)
+            throw new UserError($"num_attention_heads ({c.Heads}) must be a multiple of num_key_value_heads ({c.KeyValueHeads}).");
+        if (c.KeyValueHeads % tensorParallel != 0)
+            throw new UserError($"num_key_value_heads ({c.KeyValueHeads}) is not divisible by Tensor ({tensorParallel}); replicating key-value heads over tensor-parallel ranks is not implemented, so choose Tensor dividing {c.KeyValueHeads}.");
+        groups = c.KeyValueHeads / tensorParallel;
+        perGroup = c.Heads / c.KeyValueHeads;
         headDim = c.HeadDim;
-        qkv_proj = new Parameter(torch.empty((long)(heads + 2 * kvHeads) * headDim, c.HiddenSize, dtype: dtype, device: device));
-        o_proj = new Parameter(torch.empty(c.HiddenSize, (long)heads * headDim, dtype: dtype, device: device));
+        qkv_proj = new Parameter(torch.empty((long)groups * (perGroup + 2) * headDim, c.HiddenSize, dtype: dtype, device: device));
+        o_proj = new Parameter(torch.empty(c.HiddenSize, (long)groups * perGroup * headDim, dtype: dtype, device: device));
         RegisterComponents();
     }
 
-    /// <summary>[(Nq + 2·Nkv)·d, H]: q_proj rows, then k_proj rows, then v_proj rows.</summary>
+    /// <summary>[g·(r + 2)·d, H]: per group, its r query heads' rows, its key head's, its value head's.</summary>
     public Parameter Qkv => qkv_proj;
 
+    /// <summary>[H, g·r·d]: the output projection's columns for this rank's query heads.</summary>
     public Parameter O => o_proj;
 
-    /// <summary>Rows of <see cref="Qkv"/> holding q, k and v: (start, count).</summary>
-    public (long Start, long Count) QRows => (0, (long)heads * headDim);
-    public (long Start, long Count) KRows => ((long)heads * headDim, (long)kvHeads * headDim);
-    public (long Start, long Count) VRows => ((long)(heads + kvHeads) * headDim, (long)kvHeads * headDim);
+    /// <summary>Key-value groups on this rank (g).</summary>
+    public int Groups => groups;
 
-    /// <param name="hiddenBSH">Normalised hidden states.</param>
+    /// <summary>Query heads per group (r).</summary>
+    public int QueryHeadsPerGroup => perGroup;
+
+    /// <summary>Head dimension (d).</summary>
+    public int HeadDim => headDim;
+
+    /// <summary>The fused weight as [g, r + 2, d, H] (a view): [:, :r] the query heads, [:, r] the keys, [:, r + 1] the values.</summary>
+    public Tensor GroupedView(Tensor qkvWeight) => qkvWeight.view(groups, perGroup + 2, headDim, qkvWeight.shape[^1]);
+
+    /// <param name="hiddenBSH">Normalised hidden states (the whole sequence).</param>
     /// <param name="rope">cos/sin tables [B or 1, 1, S, d].</param>
     /// <param name="maskB1SS">Boolean attention mask (true = attend) for document-causal attention, or null for plain causal.</param>
+    /// <returns>This rank's part of the output projection [B, S, H] (the whole output when there is no tensor parallelism).</returns>
     public Tensor Forward(Tensor hiddenBSH, (Tensor Cos, Tensor Sin) rope, Tensor? maskB1SS)
     {
         long b = hiddenBSH.shape[0], s = hiddenBSH.shape[1];
         var projectedBSW = nn.functional.linear(hiddenBSH, qkv_proj);
         // On CUDA in bf16 one kernel rotates q and k inside the fused projection (bit-equal to Rotary.Apply).
         bool fused = RotaryQkv.Applies(projectedBSW, rope.Cos, headDim);
-        if (fused) projectedBSW = RotaryQkv.Apply(projectedBSW, rope, heads + kvHeads, headDim);
-        var qkv = projectedBSW.split(new[] { QRows.Count, KRows.Count, VRows.Count }, -1);
-        var qBNSd = qkv[0].view(b, s, heads, headDim).transpose(1, 2);
-        var kBNSd = qkv[1].view(b, s, kvHeads, headDim).transpose(1, 2);
-        var vBNSd = qkv[2].view(b, s, kvHeads, headDim).transpose(1, 2);
+        if (fused) projectedBSW = RotaryQkv.Apply(projectedBSW, rope, perGroup, headDim);
+        var grouped = projectedBSW.view(b, s, groups, perGroup + 2, headDim);
+        var qBNSd = grouped.narrow(3, 0, perGroup).reshape(b, s, (long)groups * perGroup, headDim).transpose(1, 2);
+        var kBNSd = grouped.select(3, perGroup).transpose(1, 2);
+        var vBNSd = grouped.select(3, perGroup + 1).transpose(1, 2);
         if (!fused)
         {
             qBNSd = Rotary.Apply(qBNSd, rope);
@@ -60,7 +89,7 @@ public sealed class Attention : nn.Module
         var outBNSd = maskB1SS is null
             ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
             : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);
-        return nn.functional.linear(outBNSd.transpose(1, 2).reshape(b, s, (long)heads * headDim), o_proj);
+        return nn.functional.linear(outBNSd.transpose(1, 2).reshape(b, s, (long)groups * perGroup * headDim), o_proj);
     }
 }
 

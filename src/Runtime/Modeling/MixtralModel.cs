@@ -91,6 +91,12 @@ public sealed class MixtralModel : nn.Module
     /// <summary>This rank's cut of the model, or null for the whole model.</summary>
     public ParallelPlan? Plan { get; }
 
+    /// <summary>Tensor-parallel size (1 without a plan).</summary>
+    public int TensorSize => Plan?.Groups.Tp.Size ?? 1;
+
+    /// <summary>This rank's index in its tensor-parallel group.</summary>
+    public int TensorRank => Plan?.Groups.Tp.Rank ?? 0;
+
     public ScalarType Dtype { get; }
 
     /// <summary>
