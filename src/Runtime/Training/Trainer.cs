@@ -147,6 +147,7 @@ public sealed class Trainer : IDisposable
             }
             _optimizer.step();
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
+            _model.UpdateExpertBias();     // aux-loss-free balancing: the global batch's counts move the bias
             if (_mixed)
                 using (torch.no_grad())
                     for (int i = 0; i < _params.Length; i++) _params[i].copy_(_master[i]);
