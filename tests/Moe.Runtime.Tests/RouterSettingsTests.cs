@@ -224,6 +224,35 @@ public class RouterSettingsTests
     }
 
     [Fact]
+    public void ExpertBias_SurvivesACheckpointAndIsNotSilentlyDropped()
+    {
+        // Saved as model.layers.{l}.block_sparse_moe.gate.e_score_correction_bias (DeepSeek-V3's hub name);
+        // loaded back into a model with the bias; refused by a model without it.
+        var config = MixtralConfig.From(Model.TinyMixtral);
+        var withBias = new MoeOptions { TopK = config.TopK, ScoreFunction = ScoreFunction.Sigmoid, ExpertBias = true };
+        string dir = Directory.CreateTempSubdirectory("moe-bias-").FullName;
+        try
+        {
+            using var model = MixtralModel.Random(config, 5, ScalarType.Float32, CPU, withBias);
+            using (torch.no_grad())
+                for (int l = 0; l < config.Layers; l++) model.Layers[l].Moe.ExpertBias!.BiasE.copy_(torch.tensor(new float[] { l, -l, 0.5f, -0.25f }));
+            Checkpoints.MixtralStateDictAdapter.Save(model, dir);
+
+            using var loaded = Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU, withBias);
+            for (int l = 0; l < config.Layers; l++)
+                Assert.Equal(new[] { l, -l, 0.5, -0.25 }, D(loaded.Layers[l].Moe.ExpertBias!.BiasE));
+
+            var e = Assert.Throws<UserError>(() => Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU));
+            Assert.Contains("model.layers.0.block_sparse_moe.gate.e_score_correction_bias", e.Message);
+            Assert.Contains("EnableExpertBias = true", e.Message);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
     public void PadToCapacity_PadsToTheTokensWhenTheCapacityExceedsThem()
     {
         // T 2, top-1, E 2, factor 4: capacity ceil(2·1/2·4) = 4 > T. Megatron's capacity mask then selects

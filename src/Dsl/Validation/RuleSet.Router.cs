@@ -115,7 +115,7 @@ public static partial class RuleSet
             "Router.EnableExpertBias", "Router.ScoreFunction");
         yield return new Rule(biasSigmoid, (s, _) => s.Router.EnableExpertBias && s.Router.ScoreFunction != ScoreFunction.Sigmoid
             ? One(biasSigmoid, $"EnableExpertBias = true needs ScoreFunction = Sigmoid (aux-loss-free balancing adds the bias to per-expert sigmoid scores; with {s.Router.ScoreFunction} Megatron refuses it); set ScoreFunction = Sigmoid or remove EnableExpertBias",
-                new SuggestedFix("Set ScoreFunction = Sigmoid", "Router.ScoreFunction", "ScoreFunction.Sigmoid"), "Router.EnableExpertBias", "Router.ScoreFunction")
+                new SuggestedFix("Set ScoreFunction = Sigmoid", "Router.ScoreFunction", "Moe.Dsl.ScoreFunction.Sigmoid"), "Router.EnableExpertBias", "Router.ScoreFunction")
             : None);
 
         // MOE0112 (Moe): Megatron does not check; a negative rate pushes tokens towards the busiest experts.
@@ -123,7 +123,7 @@ public static partial class RuleSet
             "Router.BiasUpdateRate");
         yield return new Rule(rate, (s, _) => !(s.Router.BiasUpdateRate > 0) || double.IsInfinity(s.Router.BiasUpdateRate)
             ? One(rate, $"BiasUpdateRate ({F(s.Router.BiasUpdateRate)}) must be a positive number: each optimizer step moves the expert bias by it towards balance (DeepSeek-V3 uses 1e-3, Megatron's default)",
-                new SuggestedFix("Set BiasUpdateRate = 1e-3", "Router.BiasUpdateRate", "1e-3"), "Router.BiasUpdateRate")
+                new SuggestedFix("Set BiasUpdateRate = 0.001", "Router.BiasUpdateRate", "0.001"), "Router.BiasUpdateRate")
             : None);
 
         // MOE0113 (Moe): like R071/R074, a setting Megatron silently ignores.

@@ -47,7 +47,8 @@ public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch D
 /// <para>
 /// The default <see cref="MoeOptions"/> reproduce transformers' Mixtral exactly (fp32 softmax over all experts,
 /// top-k, renormalised, dropless); recipe options switch on Megatron's capacity factor, drop policies,
-/// pad-to-capacity, sigmoid scores, pre-softmax and the Megatron aux-loss variants. Per-expert token counts
+/// pad-to-capacity, sigmoid scores, pre-softmax, group-limited routing, the router dtype, the aux-loss-free
+/// expert bias and the Megatron aux-loss variants (<see cref="MegatronAuxLoss"/>). Per-expert token counts
 /// and the drop rate are computed on every forward and returned in <see cref="MoeLayerOutput"/>.
 /// </para>
 /// </remarks>
