@@ -277,6 +277,10 @@ public class RouterSettingsTests
         Assert.Equal(new long[] { 0, 2 }, d.TokenOfRowR.data<long>().ToArray());
         // One sequence of four: the earliest are t0 and t1.
         Assert.Equal(new long[] { 0, 1 }, LocalTokenDispatcher.Permute(hidden, routing, 2, options, sequences: 1).TokenOfRowR.data<long>().ToArray());
+        // The probs policy breaks ties between equal weights in the same order (torch.topk on CUDA keeps the
+        // earlier row of Megatron's input): all four weigh 0.5, so again t0 and t2.
+        var probs = LocalTokenDispatcher.Permute(hidden, routing, 2, options with { DropPolicy = DropPolicy.Probs }, sequences: 2);
+        Assert.Equal(new long[] { 0, 2 }, probs.TokenOfRowR.data<long>().ToArray());
     }
 
     [Fact]

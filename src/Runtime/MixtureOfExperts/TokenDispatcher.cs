@@ -45,7 +45,8 @@ public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOf
 /// dropless (every routed pair is computed). When an expert receives more than C pairs it keeps C of them:
 /// </para>
 /// <list type="bullet">
-/// <item><c>probs</c>: the C pairs with the highest combine weight (ties: earlier pair first);</item>
+/// <item><c>probs</c>: the C pairs with the highest combine weight (ties: the earlier pair in Megatron's token
+/// order, as below);</item>
 /// <item><c>position</c>: the C earliest pairs in Megatron's token order. Megatron takes a top-k over the 0/1
 /// routing column; on CUDA torch.topk fills ties in index order, so it keeps the earliest rows of its
 /// flattened [S, B] input, i.e. sequence-major: token (b, s) comes at s·B + b, not at our batch-major b·S + s.
@@ -87,7 +88,7 @@ public static class LocalTokenDispatcher
         {
             long capacity = Capacity(tokens, k, experts, factor);
             var keep = KeepMask(flatExperts, flatWeights, experts, capacity, options.DropPolicy,
-                options.DropPolicy == DropPolicy.Position && sequences > 1 ? SequenceMajorPosition(flatTokens, tokens, sequences) : null);
+                sequences > 1 ? SequenceMajorPosition(flatTokens, tokens, sequences) : null);
             var kept = keep.nonzero().squeeze(1);
             flatExperts = flatExperts.index_select(0, kept);
             flatWeights = flatWeights.index_select(0, kept);
@@ -156,14 +157,20 @@ public static class LocalTokenDispatcher
     /// <param name="experts">E.</param>
     /// <param name="capacity">C.</param>
     /// <param name="policy">probs: highest weights first; position: earliest first.</param>
-    /// <param name="positionOfPair">For position: each pair's place in Megatron's token order (<see cref="SequenceMajorPosition"/>); null = the pair order itself.</param>
+    /// <param name="positionOfPair">Each pair's place in Megatron's token order (<see cref="SequenceMajorPosition"/>): the order of position, and the tie order of probs; null = the pair order itself.</param>
     public static Tensor KeepMask(Tensor flatExperts, Tensor flatWeights, int experts, long capacity, DropPolicy policy, Tensor? positionOfPair = null)
     {
         // Rank each pair inside its expert: by descending weight (probs) or by position (position), then keep rank < C.
         Tensor order;
         if (policy == DropPolicy.Probs || positionOfPair is not null)
         {
-            var (_, byKey) = policy == DropPolicy.Probs ? flatWeights.sort(descending: true, stable: true) : positionOfPair!.sort(stable: true);
+            // Pairs in Megatron's token order first (when it differs from ours), so that stable sorts break
+            // ties as torch.topk does on CUDA: the earlier row of Megatron's [S, B] input wins.
+            var basis = positionOfPair?.sort(stable: true).Indices;
+            Tensor byKey;
+            if (policy == DropPolicy.Position) byKey = basis!;
+            else if (basis is null) (_, byKey) = flatWeights.sort(descending: true, stable: true);
+            else byKey = basis.index_select(0, flatWeights.index_select(0, basis).sort(descending: true, stable: true).Indices);
             var (_, byExpert) = flatExperts.index_select(0, byKey).sort(stable: true);
             order = byKey.index_select(0, byExpert);
         }
