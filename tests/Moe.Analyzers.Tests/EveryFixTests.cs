@@ -67,6 +67,7 @@ public class EveryFixTests
         bool b => b ? "true" : "false",
         int i => i.ToString(System.Globalization.CultureInfo.InvariantCulture),
         Moe.Dsl.Layout.RankOrder o => "Moe.Dsl.Layout.RankOrder." + o,
+        Moe.Dsl.ScoreFunction f => "Moe.Dsl.ScoreFunction." + f,
         _ => Convert.ToString(v, System.Globalization.CultureInfo.InvariantCulture) ?? "null",
     };
 

@@ -32,4 +32,18 @@ public sealed record Router
 
     /// <summary>Groups each token may route to under group-limited routing. Megatron: <c>--moe-router-group-topk</c>.</summary>
     public int? GroupTopK { get; init; }
+
+    /// <summary>
+    /// Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias, not learned, added to the sigmoid scores
+    /// when choosing experts (never to the combine weights) and moved after every optimizer step towards
+    /// balance: bias += BiasUpdateRate · sign(mean count − count of the expert) over the global batch. Needs
+    /// <see cref="ScoreFunction"/> = Sigmoid. Default false. Megatron: <c>--moe-router-enable-expert-bias</c>.
+    /// </summary>
+    public bool EnableExpertBias { get; init; }
+
+    /// <summary>
+    /// How far the expert bias moves per optimizer step (with <see cref="EnableExpertBias"/>); must be positive.
+    /// Default 1e-3, as DeepSeek-V3. Megatron: <c>--moe-router-bias-update-rate</c>.
+    /// </summary>
+    public double BiasUpdateRate { get; init; } = 1e-3;
 }

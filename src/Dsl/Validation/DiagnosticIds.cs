@@ -56,6 +56,12 @@ public static class DiagnosticIds
     public const string CapacityFactorNotPositive = "MOE0109";
     /// <summary>PadToCapacity needs a capacity factor (R083).</summary>
     public const string PadToCapacityWithoutFactor = "MOE0110";
+    /// <summary>The expert bias (aux-loss-free balancing) needs sigmoid scores (R079).</summary>
+    public const string ExpertBiasNeedsSigmoid = "MOE0111";
+    /// <summary>The expert-bias update rate is zero, negative or not finite (Megatron does not check).</summary>
+    public const string BiasUpdateRateNotPositive = "MOE0112";
+    /// <summary>A BiasUpdateRate without EnableExpertBias is never used.</summary>
+    public const string BiasUpdateRateUnused = "MOE0113";
 
     // Data and training: MOE0200-MOE0299
     /// <summary>A batch size is zero or negative (R047, R048).</summary>

@@ -109,7 +109,33 @@ public static partial class RuleSet
             ? One(pad, "PadToCapacity = true needs a capacity Factor (dropless routing has no capacity to pad to); set Factor or remove PadToCapacity",
                 new SuggestedFix("Remove PadToCapacity", "Capacity.PadToCapacity", null), "Capacity.PadToCapacity")
             : None);
+
+        // MOE0111 (R079): Megatron raises in TransformerConfig.__post_init__.
+        var biasSigmoid = D(DiagnosticIds.ExpertBiasNeedsSigmoid, "The expert bias needs sigmoid scores", RouterCat, "R079",
+            "Router.EnableExpertBias", "Router.ScoreFunction");
+        yield return new Rule(biasSigmoid, (s, _) => s.Router.EnableExpertBias && s.Router.ScoreFunction != ScoreFunction.Sigmoid
+            ? One(biasSigmoid, $"EnableExpertBias = true needs ScoreFunction = Sigmoid (aux-loss-free balancing adds the bias to per-expert sigmoid scores; with {s.Router.ScoreFunction} Megatron refuses it); set ScoreFunction = Sigmoid or remove EnableExpertBias",
+                new SuggestedFix("Set ScoreFunction = Sigmoid", "Router.ScoreFunction", "Moe.Dsl.ScoreFunction.Sigmoid"), "Router.EnableExpertBias", "Router.ScoreFunction")
+            : None);
+
+        // MOE0112 (Moe): Megatron does not check; a negative rate pushes tokens towards the busiest experts.
+        var rate = D(DiagnosticIds.BiasUpdateRateNotPositive, "BiasUpdateRate must be positive", RouterCat, "Moe",
+            "Router.BiasUpdateRate");
+        yield return new Rule(rate, (s, _) => !(s.Router.BiasUpdateRate > 0) || double.IsInfinity(s.Router.BiasUpdateRate)
+            ? One(rate, $"BiasUpdateRate ({F(s.Router.BiasUpdateRate)}) must be a positive number: each optimizer step moves the expert bias by it towards balance (DeepSeek-V3 uses 1e-3, Megatron's default)",
+                new SuggestedFix("Set BiasUpdateRate = 0.001", "Router.BiasUpdateRate", "0.001"), "Router.BiasUpdateRate")
+            : None);
+
+        // MOE0113 (Moe): like R071/R074, a setting Megatron silently ignores.
+        var rateUnused = W(DiagnosticIds.BiasUpdateRateUnused, "BiasUpdateRate is unused without EnableExpertBias", RouterCat, "Moe",
+            "Router.BiasUpdateRate", "Router.EnableExpertBias");
+        yield return new Rule(rateUnused, (s, _) => !s.Router.EnableExpertBias && s.Router.BiasUpdateRate > 0 && !double.IsInfinity(s.Router.BiasUpdateRate) && s.Router.BiasUpdateRate != DefaultBiasUpdateRate
+            ? One(rateUnused, $"BiasUpdateRate ({F(s.Router.BiasUpdateRate)}) is never used because EnableExpertBias is false; set EnableExpertBias = true or remove BiasUpdateRate",
+                new SuggestedFix("Remove BiasUpdateRate", "Router.BiasUpdateRate", null), "Router.BiasUpdateRate")
+            : None);
     }
+
+    private static readonly double DefaultBiasUpdateRate = new Router().BiasUpdateRate;
 
     private static IEnumerable<Finding> NegativeCoefficients(RuleDescriptor d, Router r)
     {

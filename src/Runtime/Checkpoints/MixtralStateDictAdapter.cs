@@ -119,7 +119,17 @@ public static class MixtralStateDictAdapter
                         "is it a Mixtral checkpoint with the config's layer and expert counts?");
                 }
             }
+            foreach (var (key, layer) in ExpertBiasKeys(model))
+            {
+                // A hub Mixtral checkpoint has no bias: an aux-loss-free run then starts from zeros, as Megatron does.
+                if (!byKey.TryGetValue(key, out var file)) continue;
+                CopyInto(layer.Moe.ExpertBias!.BiasE, file, key);
+                used.Add(key);
+            }
             var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            if (unexpected.FirstOrDefault(k => k.EndsWith(ExpertBiasSuffix, StringComparison.Ordinal)) is string bias)
+                throw new UserError($"{directory}: the checkpoint holds an aux-loss-free expert bias ('{bias}' in {System.IO.Path.GetFileName(byKey[bias].Path)}) that this model would ignore; " +
+                    "load it with Router.EnableExpertBias = true and ScoreFunction = Sigmoid, as it was trained.");
             if (unexpected.Length > 0)
                 throw new UserError($"{directory}: the checkpoint has {unexpected.Length} tensor(s) this Mixtral config does not use, e.g. '{unexpected[0]}' in {System.IO.Path.GetFileName(byKey[unexpected[0]].Path)}; check config.json against the weights.");
         }
@@ -128,6 +138,16 @@ public static class MixtralStateDictAdapter
             foreach (var f in files.Distinct()) f.Dispose();
         }
     }
+
+    private const string ExpertBiasSuffix = "block_sparse_moe.gate.e_score_correction_bias";
+
+    /// <summary>
+    /// Hub keys of the aux-loss-free expert bias of every layer that has one (Router.EnableExpertBias): a routing
+    /// buffer, not a parameter, saved under DeepSeek-V3's Hugging Face name (gate.e_score_correction_bias) so a
+    /// trained model keeps the routing it learned. Not in <see cref="HubTensors"/>: it has no gradient.
+    /// </summary>
+    public static IEnumerable<(string Key, DecoderLayer Layer)> ExpertBiasKeys(MixtralModel model) =>
+        model.Layers.Select((layer, l) => ($"model.layers.{l}.{ExpertBiasSuffix}", layer)).Where(x => x.layer.Moe.ExpertBias is not null);
 
     /// <summary>transformers 5 names: mlp.gate.weight, mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I].</summary>
     private static bool LoadFused(MixtralModel model, HubTensor h, Dictionary<string, SafetensorsFile> byKey, HashSet<string> used)
@@ -221,6 +241,7 @@ public static class MixtralStateDictAdapter
     /// model-0000i-of-0000N.safetensors and model.safetensors.index.json (<c>metadata.total_size</c>,
     /// <c>weight_map</c>), as transformers' save_pretrained writes them. Tensors keep the model's dtype and are
     /// copied to the CPU one at a time; every file is written to a temporary name and renamed when complete.
+    /// Layers with an aux-loss-free expert bias add it in fp32 (<see cref="ExpertBiasKeys"/>).
     /// </summary>
     /// <param name="model">The model to save.</param>
     /// <param name="directory">Created if absent; existing files of the same names are replaced.</param>
@@ -232,7 +253,8 @@ public static class MixtralStateDictAdapter
         Directory.CreateDirectory(directory);
         var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
         long shardBytes = 0, totalBytes = 0;
-        foreach (var kv in Named(model))
+        var named = Named(model).Concat(ExpertBiasKeys(model).Select(b => new KeyValuePair<string, Tensor>(b.Key, b.Layer.Moe.ExpertBias!.BiasE)));
+        foreach (var kv in named)
         {
             long bytes = kv.Value.NumberOfElements * kv.Value.ElementSize;
             if (shards[^1].Count > 0 && shardBytes + bytes > maxShardBytes)

@@ -120,9 +120,11 @@ public static class AuxLosses
     /// Router z-loss (Zoph et al. 2022, "ST-MoE", arXiv:2202.08906, eq. 5; Megatron <c>z_loss_func</c>):
     /// <c>z = (1/T) · Σ_t (log Σ_e exp z_te)²</c>, before its coefficient. Keeps router logits small so the
     /// fp32 softmax stays well conditioned. Megatron divides the coefficient by the TP×CP size per rank.
+    /// Computed in the logits' dtype as Megatron does for fp32 and fp64 (<c>--moe-router-dtype</c>); bf16
+    /// logits (no router dtype) are raised to fp32 here, where Megatron would sum in bf16.
     /// </summary>
     public static Tensor ZLoss(Tensor logitsTE) =>
-        logitsTE.to(ScalarType.Float32).logsumexp(-1).square().mean();
+        (logitsTE.dtype == ScalarType.Float64 ? logitsTE : logitsTE.to(ScalarType.Float32)).logsumexp(-1).square().mean();
 }
 
 /// <summary>

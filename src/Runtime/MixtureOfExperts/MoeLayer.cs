@@ -27,7 +27,7 @@ public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch D
     /// <summary>Every tensor the record holds (to move them out of a dispose scope together).</summary>
     public IEnumerable<Tensor> Tensors() =>
     [
-        HiddenTH, Routing.LogitsTE, Routing.ScoresTE, Routing.WeightsTK, Routing.ExpertsTK,
+        HiddenTH, Routing.LogitsTE, Routing.ScoresTE, Routing.WeightsTK, Routing.ExpertsTK, Routing.AuxExpertsTK,
         Dispatch.RowsRH, Dispatch.TokenOfRowR, Dispatch.WeightOfRowR, Dispatch.RowsPerExpertE, Dispatch.RoutedPerExpertE, Dispatch.KeptPerExpertE,
     ];
 }
@@ -47,7 +47,8 @@ public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch D
 /// <para>
 /// The default <see cref="MoeOptions"/> reproduce transformers' Mixtral exactly (fp32 softmax over all experts,
 /// top-k, renormalised, dropless); recipe options switch on Megatron's capacity factor, drop policies,
-/// pad-to-capacity, sigmoid scores, pre-softmax and the Megatron aux-loss variants. Per-expert token counts
+/// pad-to-capacity, sigmoid scores, pre-softmax, group-limited routing, the router dtype, the aux-loss-free
+/// expert bias and the Megatron aux-loss variants (<see cref="MegatronAuxLoss"/>). Per-expert token counts
 /// and the drop rate are computed on every forward and returned in <see cref="MoeLayerOutput"/>.
 /// </para>
 /// </remarks>
@@ -56,6 +57,8 @@ public sealed class MoeLayer : nn.Module
     private readonly Parameter gate;
     private readonly Experts experts;
     private readonly GlobalAuxLossTracker globalTracker;
+    private readonly ExpertBias? expertBias;
+    private MoeOptions options;
 
     /// <param name="numExperts">E, all experts of the layer (the router scores every one).</param>
     /// <param name="hidden">H.</param>
@@ -66,7 +69,7 @@ public sealed class MoeLayer : nn.Module
     /// <param name="dispatcher">Where the experts live: all here (null), or the expert-parallel dispatcher of this rank's experts.</param>
     public MoeLayer(int numExperts, int hidden, int ffn, MoeOptions options, ScalarType dtype, Device device, IExpertDispatcher? dispatcher = null) : base("mlp")
     {
-        Options = options;
+        this.options = Checked(options, numExperts);
         NumExperts = numExperts;
         Dispatcher = dispatcher ?? new LocalExpertDispatcher(numExperts);
         var placement = Dispatcher.Placement;
@@ -75,12 +78,23 @@ public sealed class MoeLayer : nn.Module
         gate = new Parameter(torch.empty(numExperts, hidden, dtype: dtype, device: device));
         experts = new Experts(placement.LocalExperts, hidden, ffn / placement.TensorSize, dtype, device);
         RegisterComponents();
-        // Not a registered component: the running counts are run state, not a weight (Megatron keeps them
-        // in a non-persistent buffer).
+        // Not registered components: the running counts are run state, not weights (Megatron keeps them in
+        // non-persistent buffers); the expert bias is saved by the checkpoint adapter under its hub name.
         globalTracker = new GlobalAuxLossTracker(numExperts, device);
+        expertBias = options.ExpertBias ? new ExpertBias(numExperts, device) : null;
     }
 
-    public MoeOptions Options { get; set; }
+    /// <summary>Routing, capacity and loss settings; whether an expert bias exists is fixed at construction.</summary>
+    public MoeOptions Options
+    {
+        get => options;
+        set
+        {
+            if (value.ExpertBias != options.ExpertBias)
+                throw new ArgumentException("MoeOptions.ExpertBias cannot change after the layer is built (the bias is layer state).", nameof(value));
+            options = Checked(value, NumExperts);
+        }
+    }
 
     /// <summary>How rows reach this rank's experts (<see cref="LocalExpertDispatcher"/> when every expert is here).</summary>
     public IExpertDispatcher Dispatcher { get; }
@@ -96,12 +110,22 @@ public sealed class MoeLayer : nn.Module
     /// <summary>Running routed counts for the global aux loss; reset once per global batch.</summary>
     public GlobalAuxLossTracker GlobalAuxLoss => globalTracker;
 
+    /// <summary>The aux-loss-free expert bias and its counts (<see cref="MoeOptions.ExpertBias"/>), or null when off.</summary>
+    public ExpertBias? ExpertBias => expertBias;
+
     /// <param name="hiddenTH">Normalised hidden states of the micro-batch, flattened batch-major.</param>
-    public MoeLayerOutput Forward(Tensor hiddenTH)
+    /// <param name="sequences">
+    /// B, the sequences the T tokens belong to (S = T / B each). The position drop policy keeps the earliest
+    /// pairs in Megatron's token order, which is sequence-major ([S, B]); see <see cref="LocalTokenDispatcher"/>.
+    /// </param>
+    public MoeLayerOutput Forward(Tensor hiddenTH, int sequences = 1)
     {
-        var routing = TopKRouter.Route(hiddenTH, gate, Options);
+        var routing = TopKRouter.Route(hiddenTH, gate, Options, expertBias?.BiasE);
         HostTrace.Mark("router");
-        var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options);
+        var dispatch = LocalTokenDispatcher.Permute(hiddenTH, routing, NumExperts, Options, sequences);
+        // Megatron counts the router's final routing map (after capacity, padding slots included), only with
+        // gradients enabled: evaluation and recomputation leave the bias update alone.
+        if (expertBias is not null && torch.is_grad_enabled()) expertBias.Accumulate(dispatch.RowsPerExpertE);
         HostTrace.Mark("permute");
         var (rowsQH, rowsPerLocalExpert, context) = Dispatcher.Dispatch(dispatch.RowsRH, dispatch.RowsPerExpertE);
         var outputsRH = Dispatcher.Combine(experts.Forward(rowsQH, rowsPerLocalExpert), context);
@@ -111,9 +135,55 @@ public sealed class MoeLayer : nn.Module
         return output;
     }
 
+    /// <summary>
+    /// This layer's Megatron load-balancing loss before its coefficient (router.py <c>_apply_aux_loss</c>,
+    /// <c>_apply_seq_aux_loss</c>, <c>_apply_global_aux_loss</c>), from the aux scores and their own plain top-k
+    /// (<see cref="Routing.AuxExpertsTK"/>, before capacity). The global variant adds this micro-batch's counts
+    /// to the running ones only in training with gradients enabled, as Megatron does; otherwise it is reported
+    /// against this micro-batch's counts. Zero (a scalar) with <see cref="Dsl.LoadBalancing.None"/>.
+    /// </summary>
+    /// <param name="output">What <see cref="Forward"/> returned.</param>
+    /// <param name="sequences">B (for seq_aux_loss: each of the B sequences of S = T / B tokens on its own).</param>
+    public Tensor MegatronAuxLoss(MoeLayerOutput output, int sequences)
+    {
+        var r = output.Routing;
+        int k = options.TopK;
+        if (options.LoadBalancing == Dsl.LoadBalancing.None) return torch.zeros(1, device: r.ScoresTE.device).squeeze();
+        if (options.LoadBalancing == Dsl.LoadBalancing.SeqAuxLoss) return AuxLosses.Sequence(r.ScoresTE, r.AuxExpertsTK, sequences, k);
+        var countsE = LocalTokenDispatcher.CountPerExpert(r.AuxExpertsTK.flatten(), NumExperts);
+        return options.LoadBalancing == Dsl.LoadBalancing.GlobalAuxLoss
+            ? AuxLosses.Global(r.ScoresTE, training && torch.is_grad_enabled() ? globalTracker.Accumulate(countsE) : countsE.to(ScalarType.Float32), k)
+            : AuxLosses.Switch(r.ScoresTE, countsE, k);
+    }
+
+    /// <summary>
+    /// Moves the expert bias by the pairs counted since the last call (<see cref="ExpertBias.Update"/>) and zeroes
+    /// the counts; a layer not in training only zeroes them (Megatron updates routers in training mode only).
+    /// Does nothing without <see cref="MoeOptions.ExpertBias"/>.
+    /// </summary>
+    public void UpdateExpertBias()
+    {
+        if (expertBias is null) return;
+        if (training) expertBias.Update(options.BiasUpdateRate);
+        else expertBias.ResetCounts();
+    }
+
+    private static MoeOptions Checked(MoeOptions o, int experts)
+    {
+        if (o.GroupTopK is int gk && (o.NumGroups is not int g || g < 1 || experts % g != 0 || gk < 1 || gk > g))
+            throw new ArgumentException($"Group-limited routing needs NumGroups dividing the {experts} experts and 1 ≤ GroupTopK ≤ NumGroups (got NumGroups {o.NumGroups?.ToString() ?? "unset"}, GroupTopK {gk}; rule MOE0104).");
+        if (o.ExpertBias && o.ScoreFunction != Dsl.ScoreFunction.Sigmoid)
+            throw new ArgumentException("The expert bias needs sigmoid scores (rule MOE0111).");
+        return o;
+    }
+
     protected override void Dispose(bool disposing)
     {
-        if (disposing) globalTracker.Dispose();
+        if (disposing)
+        {
+            globalTracker.Dispose();
+            expertBias?.Dispose();
+        }
         base.Dispose(disposing);
     }
 }

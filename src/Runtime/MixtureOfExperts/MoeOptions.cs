@@ -53,6 +53,28 @@ public sealed record MoeOptions
     /// <summary>Whether a z-loss is computed (Megatron: --moe-z-loss-coeff set); the caller multiplies by the coefficient.</summary>
     public bool ZLoss { get; init; }
 
+    /// <summary>
+    /// Data type of the gating matmul, the top-k of post-softmax routing, the z-loss and the combine weights
+    /// (Megatron --moe-router-dtype); null = the model dtype. Scores are computed in fp32 whatever it is, as
+    /// Megatron computes its softmax and sigmoid.
+    /// </summary>
+    public RouterDtype? RouterDtype { get; init; }
+
+    /// <summary>Expert groups for group-limited routing (Megatron --moe-router-num-groups); used only with <see cref="GroupTopK"/>.</summary>
+    public int? NumGroups { get; init; }
+
+    /// <summary>Groups each token may route to (Megatron --moe-router-group-topk); null = plain top-k.</summary>
+    public int? GroupTopK { get; init; }
+
+    /// <summary>
+    /// Aux-loss-free load balancing (Megatron --moe-router-enable-expert-bias): a per-expert bias added to the
+    /// sigmoid scores for selection only, moved by <see cref="BiasUpdateRate"/> after every global batch.
+    /// </summary>
+    public bool ExpertBias { get; init; }
+
+    /// <summary>Step of the expert-bias update per global batch (Megatron --moe-router-bias-update-rate, default 1e-3).</summary>
+    public double BiasUpdateRate { get; init; } = 1e-3;
+
     /// <summary>The options a recipe asks for (Megatron conventions).</summary>
     public static MoeOptions From(RecipeSettings s) => new()
     {
@@ -65,5 +87,10 @@ public sealed record MoeOptions
         DropPolicy = s.Capacity.DropPolicy,
         PadToCapacity = s.Capacity.PadToCapacity,
         ZLoss = s.Router.ZLossCoeff is > 0,
+        RouterDtype = s.Router.Dtype,
+        NumGroups = s.Router.NumGroups,
+        GroupTopK = s.Router.GroupTopK,
+        ExpertBias = s.Router.EnableExpertBias,
+        BiasUpdateRate = s.Router.BiasUpdateRate,
     };
 }

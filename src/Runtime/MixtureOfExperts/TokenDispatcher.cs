@@ -45,16 +45,20 @@ public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOf
 /// dropless (every routed pair is computed). When an expert receives more than C pairs it keeps C of them:
 /// </para>
 /// <list type="bullet">
-/// <item><c>probs</c>: the C pairs with the highest combine weight (ties: earlier pair first);</item>
-/// <item><c>position</c>: the C earliest pairs in token order (Megatron takes a top-k over the 0/1 routing
-/// column, whose tie order is torch's and not guaranteed; earliest is the deterministic reading of it).</item>
+/// <item><c>probs</c>: the C pairs with the highest combine weight (ties: the earlier pair in Megatron's token
+/// order, as below);</item>
+/// <item><c>position</c>: the C earliest pairs in Megatron's token order. Megatron takes a top-k over the 0/1
+/// routing column; on CUDA torch.topk fills ties in index order, so it keeps the earliest rows of its
+/// flattened [S, B] input, i.e. sequence-major: token (b, s) comes at s·B + b, not at our batch-major b·S + s.
+/// The two orders agree for one sequence per micro-batch.</item>
 /// </list>
 /// <para>
 /// A dropped pair simply contributes nothing to its token's output (the residual connection carries the
 /// token on); the other slot of a top-2 token still counts with its original weight — weights are not
 /// renormalised after dropping, as in Megatron. Pad-to-capacity (<c>--moe-pad-expert-input-to-capacity</c>)
-/// fills each expert to exactly C rows with zero-weight rows of token 0: fixed shapes for the experts, same
-/// result.
+/// fills each expert to exactly min(C, T) rows with zero-weight rows of token 0: fixed shapes for the experts,
+/// same result (Megatron's capacity mask selects every token for every expert when C &gt; T; its all-to-all
+/// dispatcher cannot reshape that case, its all-gather one computes T rows per expert).
 /// </para>
 /// <para>
 /// Rows are ordered by expert with a stable sort, so inside an expert they keep token order; the combine
@@ -63,7 +67,12 @@ public sealed record Dispatch(Tensor RowsRH, Tensor TokenOfRowR, Tensor WeightOf
 /// </remarks>
 public static class LocalTokenDispatcher
 {
-    public static Dispatch Permute(Tensor hiddenTH, Routing routing, int experts, MoeOptions options)
+    /// <param name="hiddenTH">Tokens batch-major.</param>
+    /// <param name="routing">The router's choices.</param>
+    /// <param name="experts">E.</param>
+    /// <param name="options">Capacity factor, drop policy, pad-to-capacity.</param>
+    /// <param name="sequences">B: the T tokens are B sequences of T / B (for the position drop policy's order).</param>
+    public static Dispatch Permute(Tensor hiddenTH, Routing routing, int experts, MoeOptions options, int sequences = 1)
     {
         long tokens = hiddenTH.shape[0];
         int k = options.TopK;
@@ -78,7 +87,8 @@ public static class LocalTokenDispatcher
         if (options.CapacityFactor is double factor)
         {
             long capacity = Capacity(tokens, k, experts, factor);
-            var keep = KeepMask(flatExperts, flatWeights, experts, capacity, options.DropPolicy);
+            var keep = KeepMask(flatExperts, flatWeights, experts, capacity, options.DropPolicy,
+                sequences > 1 ? SequenceMajorPosition(flatTokens, tokens, sequences) : null);
             var kept = keep.nonzero().squeeze(1);
             flatExperts = flatExperts.index_select(0, kept);
             flatWeights = flatWeights.index_select(0, kept);
@@ -87,7 +97,7 @@ public static class LocalTokenDispatcher
             rowsPerExpert = keptPerExpert;
             if (options.PadToCapacity)
             {
-                var missing = (capacity - keptPerExpert).clamp_min(0);
+                var missing = (Math.Min(capacity, tokens) - keptPerExpert).clamp_min(0);
                 var padExperts = torch.repeat_interleave(torch.arange(experts, device: hiddenTH.device), missing);
                 long pads = padExperts.shape[0];
                 flatExperts = torch.cat(new[] { flatExperts, padExperts });
@@ -126,20 +136,43 @@ public static class LocalTokenDispatcher
     public static Tensor CountPerExpert(Tensor expertIds, int experts) =>
         torch.zeros(experts, dtype: ScalarType.Int64, device: expertIds.device).scatter_add_(0, expertIds, torch.ones_like(expertIds));
 
+    /// <summary>
+    /// Where token t = b·S + s (batch-major, ours) stands in Megatron's sequence-major order: s·B + b.
+    /// </summary>
+    public static Tensor SequenceMajorPosition(Tensor tokenOfPair, long tokens, int sequences)
+    {
+        if (sequences < 1 || tokens % sequences != 0)
+            throw new ArgumentException($"{tokens} tokens are not {sequences} sequences of equal length.", nameof(sequences));
+        long seq = tokens / sequences;
+        return tokenOfPair.remainder(seq) * sequences + tokenOfPair.div(seq, rounding_mode: RoundingMode.floor);
+    }
+
     /// <summary>Megatron's capacity: ceil(T·K / E · factor).</summary>
     public static long Capacity(long tokens, int topK, int experts, double factor) =>
         (long)Math.Ceiling(tokens * (double)topK / experts * factor);
 
     /// <summary>Which of the T·K (token, expert) pairs an expert of capacity C keeps.</summary>
-    public static Tensor KeepMask(Tensor flatExperts, Tensor flatWeights, int experts, long capacity, DropPolicy policy)
+    /// <param name="flatExperts">Expert of each pair, [T·K], token-major.</param>
+    /// <param name="flatWeights">Combine weight of each pair.</param>
+    /// <param name="experts">E.</param>
+    /// <param name="capacity">C.</param>
+    /// <param name="policy">probs: highest weights first; position: earliest first.</param>
+    /// <param name="positionOfPair">Each pair's place in Megatron's token order (<see cref="SequenceMajorPosition"/>): the order of position, and the tie order of probs; null = the pair order itself.</param>
+    public static Tensor KeepMask(Tensor flatExperts, Tensor flatWeights, int experts, long capacity, DropPolicy policy, Tensor? positionOfPair = null)
     {
         // Rank each pair inside its expert: by descending weight (probs) or by position (position), then keep rank < C.
         Tensor order;
-        if (policy == DropPolicy.Probs)
+        if (policy == DropPolicy.Probs || positionOfPair is not null)
         {
-            var (_, byWeight) = flatWeights.sort(descending: true, stable: true);
-            var (_, byExpert) = flatExperts.index_select(0, byWeight).sort(stable: true);
-            order = byWeight.index_select(0, byExpert);
+            // Pairs in Megatron's token order first (when it differs from ours), so that stable sorts break
+            // ties as torch.topk does on CUDA: the earlier row of Megatron's [S, B] input wins.
+            var basis = positionOfPair?.sort(stable: true).Indices;
+            Tensor byKey;
+            if (policy == DropPolicy.Position) byKey = basis!;
+            else if (basis is null) (_, byKey) = flatWeights.sort(descending: true, stable: true);
+            else byKey = basis.index_select(0, flatWeights.index_select(0, basis).sort(descending: true, stable: true).Indices);
+            var (_, byExpert) = flatExperts.index_select(0, byKey).sort(stable: true);
+            order = byKey.index_select(0, byExpert);
         }
         else
         {

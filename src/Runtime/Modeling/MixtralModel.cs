@@ -42,7 +42,7 @@ public sealed class DecoderLayer : nn.Module
         xBSH = xBSH + self_attn.Forward(Kernels.RmsNorm(xBSH, input_layernorm, eps), rope, mask);
         HostTrace.Mark("attention");
         long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
-        var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h));
+        var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h), (int)b);
         var outBSH = xBSH + moe.HiddenTH.view(b, s, h);
         scope.MoveToOuter(moe.Tensors().Append(outBSH));
         return (outBSH, moe);
@@ -231,22 +231,11 @@ public sealed class MixtralModel : nn.Module
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
                 ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
-                : moeOutputs.Select((m, l) => MegatronAux(m, layers[l].Moe, options, (int)b)).Aggregate((x, y) => x + y);
+                : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
         HostTrace.Mark("aux loss");
         Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
     }
-
-    private Tensor MegatronAux(MoeLayerOutput m, MoeLayer layer, MoeOptions options, int batch) => options.LoadBalancing switch
-    {
-        Dsl.LoadBalancing.SeqAuxLoss => AuxLosses.Sequence(m.Routing.ScoresTE, m.Routing.ExpertsTK, batch, options.TopK),
-        // Megatron accumulates the global counts only in training with gradients (not in evaluation or
-        // recomputation); elsewhere the loss is reported against this micro-batch's counts.
-        Dsl.LoadBalancing.GlobalAuxLoss => AuxLosses.Global(m.Routing.ScoresTE,
-            training && torch.is_grad_enabled() ? layer.GlobalAuxLoss.Accumulate(m.RoutedPerExpert) : m.RoutedPerExpert.to(ScalarType.Float32),
-            options.TopK),
-        _ => AuxLosses.Switch(m.Routing.ScoresTE, m.RoutedPerExpert, options.TopK),
-    };
 
     /// <summary>
     /// Starts a new global batch for <see cref="Dsl.LoadBalancing.GlobalAuxLoss"/>: clears every layer's
@@ -255,6 +244,17 @@ public sealed class MixtralModel : nn.Module
     public void ResetGlobalAuxLoss()
     {
         foreach (var l in layers) l.Moe.GlobalAuxLoss.Reset();
+    }
+
+    /// <summary>
+    /// Aux-loss-free load balancing (<see cref="MoeOptions.ExpertBias"/>): moves every layer's expert bias by
+    /// the (token, expert) pairs it routed since the last call, b += rate · sign(mean count − count), and zeroes
+    /// the counts. Call once per global batch, after the optimizer step (Megatron does it in
+    /// finalize_model_grads). Does nothing when the expert bias is off.
+    /// </summary>
+    public void UpdateExpertBias()
+    {
+        foreach (var l in layers) l.Moe.UpdateExpertBias();
     }
 
     private const long IgnoreIndex = -100;

@@ -269,6 +269,7 @@ public sealed class Trainer : IDisposable
             }
             _optimizer.Step(lr, ClipFactor(gradNorm, t.ClipGrad));
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
+            _model.UpdateExpertBias();     // aux-loss-free balancing: the global batch's counts move the bias
             if (device.type == DeviceType.CUDA) torch.cuda.synchronize();
             double seconds = watch.Elapsed.TotalSeconds;
             var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpertCounts, routedPairs > 0 ? 1 - keptPairs / routedPairs : 0,

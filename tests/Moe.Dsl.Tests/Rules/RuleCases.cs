@@ -116,6 +116,17 @@ public static class RuleCases
         yield return new(DiagnosticIds.PadToCapacityWithoutFactor, "Capacity.PadToCapacity",
             ["PadToCapacity = true needs a capacity Factor"],
             C(c => c with { PadToCapacity = true }), C(c => c with { PadToCapacity = true, Factor = 1.0 }));
+        yield return new(DiagnosticIds.ExpertBiasNeedsSigmoid, "Router.EnableExpertBias",
+            ["EnableExpertBias = true needs ScoreFunction = Sigmoid", "with Softmax Megatron refuses it"],
+            R(r => r with { EnableExpertBias = true }), R(r => r with { EnableExpertBias = true, ScoreFunction = ScoreFunction.Sigmoid }));
+        yield return new(DiagnosticIds.BiasUpdateRateNotPositive, "Router.BiasUpdateRate",
+            ["BiasUpdateRate (-0.001) must be a positive number"],
+            R(r => r with { EnableExpertBias = true, ScoreFunction = ScoreFunction.Sigmoid, BiasUpdateRate = -1e-3 }),
+            R(r => r with { EnableExpertBias = true, ScoreFunction = ScoreFunction.Sigmoid, BiasUpdateRate = 1e-3 }));
+        yield return new(DiagnosticIds.BiasUpdateRateUnused, "Router.BiasUpdateRate",
+            ["BiasUpdateRate (0.01) is never used because EnableExpertBias is false"],
+            R(r => r with { ScoreFunction = ScoreFunction.Sigmoid, BiasUpdateRate = 0.01 }),
+            R(r => r with { ScoreFunction = ScoreFunction.Sigmoid, EnableExpertBias = true, BiasUpdateRate = 0.01 }));
 
         yield return new(DiagnosticIds.BatchSizeNotPositive, "Training.MicroBatchSize",
             ["MicroBatchSize (0) must be at least 1"],

@@ -66,7 +66,11 @@ public static class PlanCommand
         }
 
         sb.Append("\nRouter and capacity\n");
-        Line("top-k / score", $"{s.TopK} of {m.Experts} / {s.Router.ScoreFunction}" + (s.Router.PreSoftmax ? " (pre-softmax)" : ""));
+        Line("top-k / score", $"{s.TopK} of {m.Experts} / {s.Router.ScoreFunction}" + (s.Router.PreSoftmax ? " (pre-softmax)" : "") +
+            (s.Router.GroupTopK is int gk ? $", within {gk} of {s.Router.NumGroups} expert groups" : "") +
+            (s.Router.Dtype is RouterDtype d ? $", router in {d.ToString().ToLowerInvariant()}" : ""));
+        if (s.Router.EnableExpertBias)
+            Line("expert bias", $"aux-loss-free, rate {RecipeOptions.Invariant(s.Router.BiasUpdateRate)} per step");
         Line("load balancing", $"{s.Router.LoadBalancing}, coefficient {RecipeOptions.Invariant(s.AuxLossCoeff)}" +
             (s.Router.ZLossCoeff is double z ? $", z-loss {RecipeOptions.Invariant(z)}" : ""));
         Line("capacity", s.Capacity.Factor is double f
