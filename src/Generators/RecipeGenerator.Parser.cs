@@ -51,7 +51,7 @@ public sealed partial class RecipeGenerator
                 Layers = s.Model.Layers,
                 Experts = s.Model.Experts,
                 Groups = new EquatableArray<GroupFamilySpec>(RankLayout.FamilyKeys.Select(k => new GroupFamilySpec(k,
-                    new EquatableArray<EquatableArray<int>>(layout.Groups[k].Select(g => new EquatableArray<int>(g)))))),
+                    new EquatableArray<EquatableArray<int>>(Enumerable.Range(0, layout.GroupCount(k)).Select(g => new EquatableArray<int>(layout.Group(k, g))))))),
                 Coordinates = new EquatableArray<CoordinatesSpec>(Enumerable.Range(0, layout.World).Select(r =>
                 {
                     var c = layout.Coordinates(r);
