@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.IO;
 using System.Linq;
+using Moe.Dsl.Layout;
 using Moe.Generators.Specs;
 using Scriban;
 using Scriban.Runtime;
@@ -20,11 +21,16 @@ public sealed partial class RecipeGenerator
         {
             if (!spec.LayoutKnown)
                 return Render(FallbackTemplate, new { Namespace = spec.Namespace, ClassName = spec.ClassName, Problems = spec.Problems.ToArray() });
+            var order = RankLayout.ParseOrder(spec.Order) ?? throw new InvalidDataException($"order {spec.Order}");
+            var layout = new RankLayout(spec.Gpus, spec.Tensor, spec.Pipeline, spec.Context, spec.Expert, spec.ExpertTensor, order);
+            // Tables only up to the limit: their size grows with the world (about 400 bytes a rank).
+            bool tabulated = spec.Gpus <= spec.WiringTableLimit;
             var model = new
             {
                 spec.Namespace,
                 spec.ClassName,
                 spec.ModelName,
+                Gpus = I(spec.Gpus),
                 Constants = new (string Name, int Value, string Doc)[]
                 {
                     ("Gpus", spec.Gpus, "World size."),
@@ -40,29 +46,69 @@ public sealed partial class RecipeGenerator
                     ("Experts", spec.Experts, "Experts per MoE layer."),
                 }.Select(c => new { c.Name, Value = I(c.Value), c.Doc }).ToArray(),
                 spec.Order,
-                Families = spec.Groups.Select(f => new
+                OrderMember = order.ToString(),
+                Tabulated = tabulated,
+                TableLimit = I(spec.WiringTableLimit),
+                DenseAxes = Axes(layout.DenseGrid),
+                ExpertAxes = Axes(layout.ExpertGrid),
+                Families = !tabulated ? null : RankLayout.FamilyKeys.Select(key => new
                 {
-                    f.Key,
-                    Name = Pascal(f.Key),
-                    Groups = f.Groups.Select(g => "new[] { " + string.Join(", ", g.Select(I)) + " }").ToArray(),
+                    Key = key,
+                    Name = Pascal(key),
+                    Groups = Enumerable.Range(0, layout.GroupCount(key)).Select(g => "new[] { " + string.Join(", ", layout.Group(key, g).Select(I)) + " }").ToArray(),
                 }).ToArray(),
-                Coordinates = spec.Coordinates.Select((c, r) => $"new({I(c.Tp)}, {I(c.Cp)}, {I(c.Dp)}, {I(c.Pp)}, {I(c.DpCp)}, {I(c.Ep)}, {I(c.Etp)}, {I(c.Edp)}), // rank {I(r)}").ToArray(),
-                Creation = spec.CreationOrder.Select(c => $"new(\"{c.Description}\", \"{c.Backend}\", \"{c.Family}\", {I(c.First)}, {I(c.Count)}),").ToArray(),
+                Coordinates = !tabulated ? null : Enumerable.Range(0, layout.World).Select(r =>
+                {
+                    var c = layout.Coordinates(r);
+                    return $"new({I(c.Tp)}, {I(c.Cp)}, {I(c.Dp)}, {I(c.Pp)}, {I(c.DpCp)}, {I(c.Ep)}, {I(c.Etp)}, {I(c.Edp)}), // rank {I(r)}";
+                }).ToArray(),
+                Creation = !tabulated ? null : layout.CreationOrder.Select(c => $"new(\"{c.Description}\", \"{c.Backend}\", \"{c.GroupsKey}\", {I(c.FirstIndex)}, {I(c.Count)}),").ToArray(),
+                FamilySummary = tabulated ? null : FamilySummary(layout),
                 Stages = spec.StageLayers.Select((ranges, stage) => "new LayerRange[] { " + string.Join(", ", ranges.Select(r => $"new({I(r.Start)}, {I(r.Count)})")) + $" }}, // stage {I(stage)}").ToArray(),
                 Experts = spec.ExpertsOfRank.Select((r, rank) => $"new({I(r.Start)}, {I(r.Count)}), // ep rank {I(rank)}").ToArray(),
             };
             return Render(WiringTemplate, model);
         }
 
+        /// <summary>One line per family for the compact form: key, groups × ranks, the first group (elided past 8 ranks).</summary>
+        private static string[] FamilySummary(RankLayout layout)
+        {
+            int countWidth = I(layout.World).Length;
+            return RankLayout.FamilyKeys.Select(key =>
+            {
+                var first = layout.Group(key, 0);
+                string members = first.Length <= 8
+                    ? string.Join(", ", first.Select(I))
+                    : string.Join(", ", first.Take(6).Select(I)) + ", …, " + I(first[first.Length - 1]);
+                return $"{key.PadRight(20)}{I(layout.GroupCount(key)).PadLeft(countWidth)} × {I(first.Length).PadRight(countWidth)}  [{members}]";
+            }).ToArray();
+        }
+
+        private static string[] Axes(RankGrid grid) => grid.Axes
+            .Select((a, i) => $"new GridAxis(\"{a.Name}\", {I(a.Size)}, {I(a.Stride)})" + (i == grid.Axes.Count - 1 ? ");" : ","))
+            .ToArray();
+
         public static string EntryPoint(RecipeSpec spec) =>
-            Render(EntryPointTemplate, new { Type = spec.Namespace.Length == 0 ? "global::" + spec.ClassName : $"global::{spec.Namespace}.{spec.ClassName}" });
+            Render(EntryPointTemplate, new { Type = spec.Namespace.Length == 0 ? "global::" + spec.ClassName : $"global::{spec.Namespace}.{spec.ClassName}", HasWiring = spec.LayoutKnown });
 
         private static string Render(Template template, object model)
         {
             var globals = new ScriptObject();
             globals.Import(model, renamer: m => m.Name);
             // No loop limit: 128 GPUs give more than Scriban's default 1000 iterations (coordinates, creation runs).
-            var context = new TemplateContext { MemberRenamer = m => m.Name, LoopLimit = 0 };
+            // No output limit either: Scriban 7 cuts the rendered text at LimitToString (1,048,576 characters by
+            // default) and appends "...", which is how an 8192-GPU table once became a file that did not compile.
+            // Our templates and data are our own and the table limit bounds the size; the limits are off, and set
+            // to throw rather than truncate should a later change turn one back on.
+            var context = new TemplateContext
+            {
+                MemberRenamer = m => m.Name,
+                LoopLimit = 0,
+                LimitToString = 0,
+                OutputLimit = 0,
+                OnStringLimit = ScriptLimitBehavior.Throw,
+                OnOutputLimit = ScriptLimitBehavior.Throw,
+            };
             context.PushGlobal(globals);
             return template.Render(context);
         }

@@ -50,14 +50,7 @@ public sealed partial class RecipeGenerator
                 Order = layout.OrderString,
                 Layers = s.Model.Layers,
                 Experts = s.Model.Experts,
-                Groups = new EquatableArray<GroupFamilySpec>(RankLayout.FamilyKeys.Select(k => new GroupFamilySpec(k,
-                    new EquatableArray<EquatableArray<int>>(layout.Groups[k].Select(g => new EquatableArray<int>(g)))))),
-                Coordinates = new EquatableArray<CoordinatesSpec>(Enumerable.Range(0, layout.World).Select(r =>
-                {
-                    var c = layout.Coordinates(r);
-                    return new CoordinatesSpec(c.Tp, c.Cp, c.Dp, c.Pp, c.DpCp, c.Ep, c.Etp, c.Edp);
-                })),
-                CreationOrder = new EquatableArray<CreationSpec>(layout.CreationOrder.Select(c => new CreationSpec(c.Description, c.Backend, c.GroupsKey, c.FirstIndex, c.Count))),
+                WiringTableLimit = TableLimit(recipe),
                 StageLayers = new EquatableArray<EquatableArray<RangeSpec>>(Enumerable.Range(0, p.Pipeline).Select(stage =>
                     new EquatableArray<RangeSpec>(PipelineSplit.LayersOfStage(stage, s.Model.Layers, p.Pipeline, p.VirtualPipeline, p.FirstStageLayers, p.LastStageLayers)
                         .Select(r => new RangeSpec(r.Start, r.Count))))),
@@ -67,6 +60,16 @@ public sealed partial class RecipeGenerator
                     return new RangeSpec(e.Start, e.Count);
                 })),
             };
+        }
+
+        /// <summary>[Recipe(WiringTableLimit = n)], else the default.</summary>
+        private static int TableLimit(INamedTypeSymbol recipe)
+        {
+            var attribute = recipe.GetAttributes().FirstOrDefault(a => a.AttributeClass?.ToDisplayString() == "Moe.Dsl.RecipeAttribute");
+            if (attribute is null) return Moe.Dsl.RecipeAttribute.DefaultWiringTableLimit;
+            foreach (var argument in attribute.NamedArguments)
+                if (argument.Key == nameof(Moe.Dsl.RecipeAttribute.WiringTableLimit) && argument.Value.Value is int limit) return limit;
+            return Moe.Dsl.RecipeAttribute.DefaultWiringTableLimit;
         }
     }
 }

@@ -6,9 +6,11 @@ using Moe.Generators.Specs;
 namespace Moe.Generators;
 
 /// <summary>
-/// For each [Recipe] class: the recipe's parallel-group wiring (layout constants, rank ↔ coordinates,
-/// every Megatron process-group family, communicator creation order, stage → layers, EP rank → experts)
-/// and, in a recipe console project that references Moe.Runtime, its Main. Diagnostics belong to the
+/// For each [Recipe] class: the recipe's parallel-group wiring (layout constants, Megatron's two rank grids,
+/// stage → layers, EP rank → experts, and <c>Wiring.Layout</c>, an IRankLayout: every process-group family,
+/// rank ↔ coordinates and the communicator creation order, listed as tables up to
+/// <c>[Recipe(WiringTableLimit)]</c> GPUs and computed from the grids above) and, in a recipe console project
+/// that references Moe.Runtime, its Main, which hands the recipe and its wiring to the moe verbs. Diagnostics belong to the
 /// analyzers; an invalid or run-time-valued recipe gets a fallback that still has a Main, so the user
 /// sees the MOE error rather than a missing entry point.
 /// </summary>

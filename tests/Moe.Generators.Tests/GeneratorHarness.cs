@@ -23,9 +23,16 @@ internal static class GeneratorHarness
         References, new CSharpCompilationOptions(kind, nullableContextOptions: NullableContextOptions.Enable));
 
     /// <summary>Runs the generator, compiles its output warning-free and loads it, so tests can read the emitted data itself.</summary>
-    public static System.Reflection.Assembly RunAndLoad(params string[] sources)
+    public static System.Reflection.Assembly RunAndLoad(params string[] sources) => RunAndLoad(OutputKind.ConsoleApplication, sources);
+
+    /// <summary>As <see cref="RunAndLoad(string[])"/> for a compilation of the given kind (a library for several recipes: no entry point is generated then).</summary>
+    public static System.Reflection.Assembly RunAndLoad(OutputKind kind, params string[] sources) => RunAndLoad(kind, out _, sources);
+
+    /// <summary>As <see cref="RunAndLoad(OutputKind, string[])"/>, also giving the generated files by hint name.</summary>
+    public static System.Reflection.Assembly RunAndLoad(OutputKind kind, out IReadOnlyDictionary<string, string> generated, params string[] sources)
     {
-        Driver().RunGeneratorsAndUpdateCompilation(Compilation(sources), out var output, out var generatorDiagnostics);
+        var driver = Driver().RunGeneratorsAndUpdateCompilation(Compilation(kind, sources), out var output, out var generatorDiagnostics);
+        generated = driver.GetRunResult().Results.Single().GeneratedSources.ToDictionary(s => s.HintName, s => s.SourceText.ToString());
         if (generatorDiagnostics.Length > 0) throw new InvalidOperationException(string.Join("\n", generatorDiagnostics));
         using var stream = new MemoryStream();
         var emit = output.Emit(stream);

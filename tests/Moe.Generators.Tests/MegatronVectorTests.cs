@@ -1,5 +1,7 @@
 using System.Reflection;
 using System.Text.Json;
+using Microsoft.CodeAnalysis;
+using Moe.Dsl;
 using Moe.Dsl.Layout;
 using Moe.Tests;
 using Xunit;
@@ -9,39 +11,28 @@ namespace Moe.Generators.Tests;
 /// <summary>
 /// Every layout in Megatron-Core 0.20's own vectors (shared/vectors/megatron-ranks, recorded from
 /// initialize_model_parallel) written as a small recipe: the generated groups, coordinates and
-/// communicator creation order, compiled and loaded, equal the vector. There is no vector for
-/// Mixtral8x7b's exact layout (w32-tp1-pp1-cp1-ep8-etp1); w32-tp1-pp4-cp1-ep8-etp1 has its shape but for
-/// PP, and the set covers both orders, CP, ETP ≠ TP, EP folding over CP, and 128 GPUs.
+/// communicator creation order, compiled and loaded, equal the vector, in the table form and in the computed
+/// form, and <see cref="LayoutSource.For"/> keeps the wiring or replaces it as a command-line override would.
+/// There is no vector for Mixtral8x7b's exact layout (w32-tp1-pp1-cp1-ep8-etp1); w32-tp1-pp4-cp1-ep8-etp1 has
+/// its shape but for PP, and the set covers both orders, CP, ETP ≠ TP, EP folding over CP, and 128 GPUs.
 /// </summary>
 public sealed class MegatronVectorTests
 {
-    private static string VectorDirectory => Path.Combine(TestPaths.Shared, "vectors", "megatron-ranks");
+    public static TheoryData<string> Vectors() => new(MegatronVectors.Files());
 
-    public static TheoryData<string> Vectors()
+    /// <summary>
+    /// A recipe with the vector's layout. Mixtral 8x7B's model fits every vector layout (32 layers, 32 heads, 8 KV
+    /// heads, 8 experts); SP where TP > 1 and a global batch every DP divides keep the recipe valid, so the wiring
+    /// (not the fallback) is emitted.
+    /// </summary>
+    private static string RecipeSource(string className, string vectorFile, string attribute = "Recipe")
     {
-        var data = new TheoryData<string>();
-        foreach (var path in Directory.GetFiles(VectorDirectory, "*.json").OrderBy(p => p, StringComparer.Ordinal))
-            data.Add(Path.GetFileName(path));
-        return data;
-    }
-
-    [Theory]
-    [MemberData(nameof(Vectors))]
-    public void VectorLayoutAsRecipe_GeneratesMegatronsGroups(string vectorFile)
-    {
-        using var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(VectorDirectory, vectorFile)));
+        using var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(MegatronVectors.Folder, vectorFile)));
         var v = json.RootElement;
         int Size(string name) => v.GetProperty(name).GetInt32();
-        // Mixtral 8x7B's model fits every vector layout (32 layers, 32 heads, 8 KV heads, 8 experts); SP where
-        // TP > 1 and a global batch every DP divides keep the recipe valid, so the wiring (not the fallback) is emitted.
-        string source = $$"""
-            using Moe.Dsl;
-            using Moe.Dsl.Layout;
-
-            namespace Moe.Recipes;
-
-            [Recipe]
-            public sealed partial class VectorRecipe : Recipe
+        return $$"""
+            [{{attribute}}]
+            public sealed partial class {{className}} : Recipe
             {
                 public override Model Model => Model.Mixtral8x7B;
 
@@ -62,8 +53,39 @@ public sealed class MegatronVectorTests
                 public override Training Training => new() { GlobalBatchSize = 1024, MicroBatchSize = 1 };
             }
             """;
-        var wiring = GeneratorHarness.RunAndLoad(source).GetType("Moe.Recipes.VectorRecipe+Wiring")
-            ?? throw new Xunit.Sdk.XunitException("No VectorRecipe.Wiring: the fallback was emitted.\n" + string.Join("\n", GeneratorHarness.Run(source).Values));
+    }
+
+    private const string Usings = """
+        using Moe.Dsl;
+        using Moe.Dsl.Layout;
+
+        namespace Moe.Recipes;
+
+        """;
+
+    /// <summary>
+    /// The vector's recipe in both forms and the next vector's recipe, compiled together. The tables equal the
+    /// vector; both forms' <c>Layout</c> equal Megatron's vector (read independently of our code) and
+    /// <see cref="RankLayout"/>; overriding the recipe's topology with the next vector's makes
+    /// <see cref="LayoutSource.For"/> compute a layout equal to that recipe's freshly generated wiring and to
+    /// Megatron's next vector.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Vectors))]
+    public void VectorLayoutAsRecipe_GeneratesMegatronsGroups(string vectorFile)
+    {
+        using var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(MegatronVectors.Folder, vectorFile)));
+        var v = json.RootElement;
+        int Size(string name) => v.GetProperty(name).GetInt32();
+        var files = MegatronVectors.Files();
+        string nextFile = files[(Array.IndexOf(files, vectorFile) + 1) % files.Length];
+        string source = Usings
+            + RecipeSource("Tabulated", vectorFile) + "\n"
+            + RecipeSource("Computed", vectorFile, "Recipe(WiringTableLimit = 0)") + "\n"
+            + RecipeSource("Next", nextFile);
+        var assembly = GeneratorHarness.RunAndLoad(OutputKind.DynamicallyLinkedLibrary, source);
+        var wiring = assembly.GetType("Moe.Recipes.Tabulated+Wiring")
+            ?? throw new Xunit.Sdk.XunitException("No Tabulated.Wiring: the fallback was emitted.\n" + string.Join("\n", GeneratorHarness.Run(OutputKind.DynamicallyLinkedLibrary, source).Values));
 
         Assert.Equal(Size("world"), Constant(wiring, "Gpus"));
         Assert.Equal(Size("dp"), Constant(wiring, "DataParallel"));
@@ -87,7 +109,34 @@ public sealed class MegatronVectorTests
         var expectedCreation = v.GetProperty("creation_order").EnumerateArray().Select(c => new GroupCreation(
             c[0].GetString()!, c[1].GetString()!, c[2].GetString()!, c[3].GetInt32(), c[4].GetInt32()));
         Assert.Equal(expectedCreation, (GroupCreation[])wiring.GetField("CommunicatorCreationOrder")!.GetValue(null)!);
+
+        // The same layout through IRankLayout, in both forms.
+        var megatron = MegatronVectors.Load(vectorFile);
+        var tabulated = Layout(assembly, "Tabulated");
+        Assert.IsType<TabulatedRankLayout>(tabulated);
+        Assert.Empty(LayoutEquality.Differences(megatron, tabulated));
+        Assert.Empty(LayoutEquality.Differences(new RankLayout(megatron.World, megatron.Tensor, megatron.Pipeline, megatron.Context, megatron.Expert, megatron.ExpertTensor, megatron.Order), tabulated));
+        var computed = Layout(assembly, "Computed");
+        Assert.IsType<RankLayout>(computed);
+        Assert.Null(assembly.GetType("Moe.Recipes.Computed+Wiring")!.GetField("Families"));
+        Assert.Empty(LayoutEquality.Differences(megatron, computed));
+
+        // Start-up: the wiring when the topology is the recipe's, else the layout of the overridden topology.
+        var settings = Settings(assembly, "Tabulated");
+        Assert.Same(tabulated, LayoutSource.For(settings, tabulated));
+        Assert.Same(computed, LayoutSource.For(Settings(assembly, "Computed"), computed));
+        var overridden = LayoutSource.For(settings with { Parallelism = Settings(assembly, "Next").Parallelism }, tabulated);
+        Assert.IsType<RankLayout>(overridden);
+        Assert.Empty(LayoutEquality.Differences(Layout(assembly, "Next"), overridden));
+        Assert.Empty(LayoutEquality.Differences(MegatronVectors.Load(nextFile), overridden));
     }
+
+    private static IRankLayout Layout(Assembly assembly, string recipe) =>
+        (IRankLayout)(assembly.GetType($"Moe.Recipes.{recipe}+Wiring") ?? throw new Xunit.Sdk.XunitException($"No {recipe}.Wiring: the fallback was emitted."))
+            .GetProperty("Layout", BindingFlags.Public | BindingFlags.Static)!.GetValue(null)!;
+
+    private static RecipeSettings Settings(Assembly assembly, string recipe) =>
+        ((Recipe)Activator.CreateInstance(assembly.GetType($"Moe.Recipes.{recipe}")!)!).ToSettings();
 
     private static int Constant(Type wiring, string name) => (int)wiring.GetField(name, BindingFlags.Public | BindingFlags.Static)!.GetValue(null)!;
 }

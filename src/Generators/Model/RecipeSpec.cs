@@ -2,21 +2,13 @@ using System;
 
 namespace Moe.Generators.Specs;
 
-/// <summary>One process-group family: its Megatron key and its groups (ascending rank lists).</summary>
-public sealed record GroupFamilySpec(string Key, EquatableArray<EquatableArray<int>> Groups);
-
-/// <summary>One run of communicator creation: Megatron's description, backend, family, first group, count.</summary>
-public sealed record CreationSpec(string Description, string Backend, string Family, int First, int Count);
-
 /// <summary>A contiguous range [Start, Start + Count).</summary>
 public sealed record RangeSpec(int Start, int Count);
 
-/// <summary>A rank's index in its tp, cp, dp, pp, dp-cp, ep, expert-tp and expert-dp groups.</summary>
-public sealed record CoordinatesSpec(int Tp, int Cp, int Dp, int Pp, int DpCp, int Ep, int Etp, int Edp);
-
 /// <summary>
 /// Everything the generator emits for one recipe, as plain values (no symbols, syntax or compilation):
-/// equal specs mean equal output, so unrelated edits leave the pipeline cached.
+/// equal specs mean equal output, so unrelated edits leave the pipeline cached. The layout's groups are not
+/// stored: the emitter computes them from these sizes (a spec stays small at any world size).
 /// </summary>
 public sealed record RecipeSpec
 {
@@ -43,9 +35,8 @@ public sealed record RecipeSpec
     public int Layers { get; init; }
     public int Experts { get; init; }
 
-    public EquatableArray<GroupFamilySpec> Groups { get; init; }
-    public EquatableArray<CoordinatesSpec> Coordinates { get; init; }
-    public EquatableArray<CreationSpec> CreationOrder { get; init; }
+    /// <summary>Up to this many GPUs the wiring lists every group (<c>[Recipe(WiringTableLimit = …)]</c>); above it, it computes them.</summary>
+    public int WiringTableLimit { get; init; }
 
     /// <summary>Per pipeline stage, its layer ranges (one per virtual chunk).</summary>
     public EquatableArray<EquatableArray<RangeSpec>> StageLayers { get; init; }

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Moe.Dsl;
+using Moe.Dsl.Layout;
 using Moe.Runtime.Commands.Bench;
 using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
@@ -27,14 +28,16 @@ public static class MoeCommands
 
     /// <summary>
     /// A recipe project's entry point: the same verbs bound to <paramref name="recipe"/>, whose settings are
-    /// the defaults of the override options. With no verb it prints the recipe's plan.
+    /// the defaults of the override options. With no verb it prints the recipe's plan. <paramref name="wiring"/>
+    /// is the recipe's generated <c>Wiring.Layout</c>; the train verb carries it (<see cref="TrainCommandDefinition.Wiring"/>)
+    /// for <see cref="Dsl.Layout.LayoutSource.For"/>, which uses it unless the command line changes the topology.
     /// </summary>
-    public static RootCommand CreateRoot(RecipeSettings? recipe)
+    public static RootCommand CreateRoot(RecipeSettings? recipe, IRankLayout? wiring = null)
     {
         var root = new RootCommand(recipe is null
             ? "Moe: plan, check and run Mixture-of-Experts fine-tuning recipes (Megatron-Core semantics)."
             : $"{recipe.Name}: a Moe recipe for {recipe.Model.Name}. With no verb, prints the plan.");
-        foreach (var verb in Verbs(recipe)) root.Subcommands.Add(verb);
+        foreach (var verb in Verbs(recipe, wiring)) root.Subcommands.Add(verb);
         if (recipe is not null)
         {
             var plan = new PlanCommandDefinition(recipe);
@@ -44,10 +47,10 @@ public static class MoeCommands
         return root;
     }
 
-    private static IEnumerable<Command> Verbs(RecipeSettings? recipe)
+    private static IEnumerable<Command> Verbs(RecipeSettings? recipe, IRankLayout? wiring)
     {
         yield return PlanCommandParser.Create(recipe);
-        if (recipe is not null) yield return TrainCommandParser.Create(recipe);
+        if (recipe is not null) yield return TrainCommandParser.Create(recipe, wiring);
         if (recipe is null)
         {
             yield return LayoutCommandParser.Create();

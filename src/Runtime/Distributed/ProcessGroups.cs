@@ -24,7 +24,7 @@ public sealed class ProcessGroups : IDisposable
 
     private readonly Dictionary<string, Communicator> _groups = new(StringComparer.Ordinal);
 
-    private ProcessGroups(Communicator world, RankLayout layout)
+    private ProcessGroups(Communicator world, IRankLayout layout)
     {
         World = world;
         Layout = layout;
@@ -35,7 +35,7 @@ public sealed class ProcessGroups : IDisposable
     /// Splits <paramref name="world"/> into this rank's groups of <paramref name="layout"/>. Collective over the
     /// world: every rank calls it with the same layout.
     /// </summary>
-    public static ProcessGroups Create(Communicator world, RankLayout layout)
+    public static ProcessGroups Create(Communicator world, IRankLayout layout)
     {
         if (world.Size != layout.World)
             throw new UserError($"The job has {world.Size} ranks but the layout is for {layout.World} GPUs (Parallelism.Gpus); launch {layout.World} processes or pass --gpus {world.Size}.");
@@ -46,19 +46,24 @@ public sealed class ProcessGroups : IDisposable
         {
             foreach (var family in order)
             {
-                var all = layout.Groups[family];
-                int index = Array.FindIndex(all, g => Array.IndexOf(g, rank) >= 0);
-                var members = all[index];
+                int index = layout.GroupIndexOf(family, rank);
+                var members = layout.GroupOf(family, rank);
                 // A family whose groups equal an earlier family's (dp and dp_cp without context parallel, tp and mp
                 // without pipelining, ...) shares its communicator: the same decision on every rank, fewer NCCL
                 // communicators (each holds device buffers), and operations stay ordered on one stream.
-                string? same = order.TakeWhile(f => f != family).FirstOrDefault(f => SameGroups(layout.Groups[f], all));
+                string? same = order.TakeWhile(f => f != family).FirstOrDefault(f => SameGroups(layout, f, family));
                 if (same is not null)
                 {
                     groups._groups[family] = groups._groups[same];
                     continue;
                 }
-                groups._groups[family] = all.All(g => g.Length == 1)
+                if (index < 0)
+                {
+                    // Not a member (the embedding group of a middle pipeline stage): take part in the split, join nothing.
+                    world.Split(family, -1, []);
+                    continue;
+                }
+                groups._groups[family] = layout.GroupCount(family) == layout.World
                     ? new SelfCommunicator(family, rank, world.Timeout, world.DeviceForScalars)
                     : world.Split(family, index, members)
                       ?? throw new InvalidOperationException($"Split of {family} returned no group for global rank {rank}.");
@@ -74,13 +79,21 @@ public sealed class ProcessGroups : IDisposable
         return groups;
     }
 
-    private static bool SameGroups(int[][] a, int[][] b) => a.Length == b.Length && a.Zip(b).All(p => p.First.SequenceEqual(p.Second));
+    /// <summary>Whether two families have the same groups (the same decision on every rank, from the layout alone).</summary>
+    private static bool SameGroups(IRankLayout layout, string a, string b)
+    {
+        int count = layout.GroupCount(a);
+        if (count != layout.GroupCount(b)) return false;
+        for (int i = 0; i < count; i++)
+            if (!layout.Group(a, i).SequenceEqual(layout.Group(b, i))) return false;
+        return true;
+    }
 
     /// <summary>All ranks.</summary>
     public Communicator World { get; }
 
     /// <summary>The layout the groups came from.</summary>
-    public RankLayout Layout { get; }
+    public IRankLayout Layout { get; }
 
     /// <summary>This rank's index in its tp, cp, dp, pp, dp-cp, ep, expert-tp and expert-dp groups.</summary>
     public RankCoordinates Coordinates { get; }

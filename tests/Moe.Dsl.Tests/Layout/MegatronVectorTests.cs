@@ -104,4 +104,23 @@ public class MegatronVectorTests
         Assert.Contains("dp 2, edp 2, order tp-cp-ep-dp-pp", output);
         Assert.Contains("dp_cp               4 × 4: [0,2,4,6] [1,3,5,7] [8,10,12,14] [9,11,13,15]", output);
     }
+
+    [Fact]
+    public void LayoutVerb_Table_HugeLayout_IsSummarised()
+    {
+        // W 131,072, TP 8, PP 16, EP 8 (ETP 8): DP 1024, EDP 128; dense strides tp 1, dp 8, pp 8·1024; expert edp 8·8.
+        var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["layout", "--gpus", "131072", "--tp", "8", "--pp", "16", "--ep", "8"]));
+        Assert.Equal(0, exit);
+        Assert.Contains("dense grid   tp 8 (stride 1), cp 1 (stride 8), ep 1 (stride 8), dp 1024 (stride 8), pp 16 (stride 8192)\n", output);
+        Assert.Contains("expert grid  tp 8 (stride 1), cp 1 (stride 8), ep 8 (stride 8), dp 128 (stride 64), pp 16 (stride 8192)\n", output);
+        Assert.Contains("  tp                  16384 × 8: [0,1,2,3,4,5,6,7] [8,9,10,11,12,13,14,15] [16,17,18,19,20,21,22,23] … (16380 more) [131064,131065,131066,131067,131068,131069,131070,131071]\n", output);
+        Assert.Contains("  pp                  8192 × 16: [0,8192,16384,24576,32768,40960,49152,57344,65536,73728,81920,90112,98304,106496,114688,122880] ", output);
+        Assert.Contains("  intra_dist_opt      1 × 131072: [0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,…,131071]\n", output);
+        Assert.Contains("\n  rank   tp  cp  dp  pp  dp_cp  ep  etp  edp\n", output);
+        Assert.Contains("\n131071    7   0 1023  15   1023   7    7  127\n", output);
+        Assert.Contains("  for each i in 0..127: DATA_PARALLEL_GROUP (nccl) dp[i], DATA_PARALLEL_GROUP_GLOO (gloo) dp[i]\n", output);
+        Assert.Contains("  for each i in 0..8191: PIPELINE_MODEL_PARALLEL_GROUP (nccl) pp[i], EMBEDDING_GROUP (nccl) embedding[i], POSITION_EMBEDDING_GROUP (nccl) position_embedding[i]\n", output);
+        Assert.Contains("  GTP_WEIGHT_REMAT_GROUP (nccl) gtp_remat[0..131071]\n", output);
+        Assert.InRange(output.Split('\n').Length, 40, 80);
+    }
 }

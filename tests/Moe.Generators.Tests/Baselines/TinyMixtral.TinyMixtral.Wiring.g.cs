@@ -7,7 +7,11 @@ namespace Moe.Recipes;
 
 partial class TinyMixtral
 {
-    /// <summary>The process-group wiring of this recipe (Tiny Mixtral, order tp-cp-ep-dp-pp), as Megatron-Core creates it.</summary>
+    /// <summary>
+    /// The process-group wiring of this recipe (Tiny Mixtral, order tp-cp-ep-dp-pp), as Megatron-Core creates it.
+    /// World size 1 ≤ [Recipe(WiringTableLimit = 256)]: every group, coordinate and communicator
+    /// creation run is listed below, and <see cref="Layout"/> answers from these tables.
+    /// </summary>
     public static class Wiring
     {
         /// <summary>World size.</summary>
@@ -35,6 +39,22 @@ partial class TinyMixtral
 
         /// <summary>Rank order (the first axis varies fastest).</summary>
         public const string Order = "tp-cp-ep-dp-pp";
+
+        /// <summary>Megatron's dense grid, first axis fastest: (tp, cp, ep, dp, pp) = (Tensor, Context, 1, DataParallel, Pipeline); rank = Σ coordinate · stride.</summary>
+        public static readonly RankGrid DenseGrid = new(
+            new GridAxis("tp", 1, 1),
+            new GridAxis("cp", 1, 1),
+            new GridAxis("ep", 1, 1),
+            new GridAxis("dp", 1, 1),
+            new GridAxis("pp", 1, 1));
+
+        /// <summary>Megatron's expert grid, first axis fastest: (tp, cp, ep, dp, pp) = (ExpertTensor, 1, Expert, ExpertDataParallel, Pipeline).</summary>
+        public static readonly RankGrid ExpertGrid = new(
+            new GridAxis("tp", 1, 1),
+            new GridAxis("cp", 1, 1),
+            new GridAxis("ep", 1, 1),
+            new GridAxis("dp", 1, 1),
+            new GridAxis("pp", 1, 1));
 
         /// <summary>Megatron group family "tp".</summary>
         public static readonly int[][] Tp =
@@ -214,6 +234,10 @@ partial class TinyMixtral
             new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 0, 1),
             new("INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP", "nccl", "intra_dist_opt", 0, 1),
         };
+
+        /// <summary>This recipe's layout, answered from the tables above.</summary>
+        public static IRankLayout Layout { get; } = new TabulatedRankLayout(Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, RankOrder.TpCpEpDpPp,
+            Families, Coordinates, CommunicatorCreationOrder);
 
         /// <summary>Layers of each pipeline stage (one range per virtual chunk).</summary>
         public static readonly LayerRange[][] StageLayers =

@@ -24,7 +24,8 @@ public static class TrainCommand
     /// <param name="MetricsPath">One JSON line per step goes here (rank 0), or nowhere.</param>
     /// <param name="LogEvery">Progress every this many steps when stderr is not a terminal.</param>
     /// <param name="Simulate">Run the recipe's topology on the CPU with in-process ranks (<see cref="SimulationPlan"/>).</param>
-    public sealed record Request(RecipeSettings Settings, string Device, string? MetricsPath, int LogEvery, bool Simulate = false);
+    /// <param name="Wiring">The recipe's generated layout, used when the command line left the topology as the recipe has it.</param>
+    public sealed record Request(RecipeSettings Settings, string Device, string? MetricsPath, int LogEvery, bool Simulate = false, IRankLayout? Wiring = null);
 
     public static int Execute(RecipeSettings settings, string device, string? metricsPath, int logEvery, TextWriter log) =>
         Execute(new Request(settings, device, metricsPath, logEvery), log);
@@ -69,7 +70,7 @@ public static class TrainCommand
         log.WriteLine($"simulating {s.Name}: {p.Gpus} ranks (TP {p.Tensor} · CP {p.Context} · PP {p.Pipeline}, EP {p.Expert} · ETP {p.EffectiveExpertTensor}; " +
             $"DP {p.DataParallel}, expert DP {p.ExpertDataParallel}) as threads on the CPU");
         foreach (var note in plan.Notes) log.WriteLine($"  {note}");
-        var layout = new RankLayout(p.Gpus, p.Tensor, p.Pipeline, p.Context, p.Expert, p.EffectiveExpertTensor, p.Order);
+        var layout = LayoutSource.For(s, r.Wiring);
         int threads = torch.get_num_threads();
         torch.set_num_threads(1);   // the ranks are the parallelism; one intra-op thread each
         try

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Moe.Dsl;
+using Moe.Dsl.Layout;
 
 namespace Moe.Runtime.Commands.Train;
 
@@ -8,9 +9,10 @@ public sealed class TrainCommandDefinition
 {
     public const string Name = "train";
 
-    public TrainCommandDefinition(RecipeSettings recipe)
+    public TrainCommandDefinition(RecipeSettings recipe, IRankLayout? wiring = null)
     {
         Recipe = recipe;
+        Wiring = wiring;
         Command = new Command(Name, "Train the recipe (validated by the rule set first): on the CPU or one GPU, or with --simulate its whole topology on the CPU.");
         Options = new RecipeOptions(recipe);
         Options.AddTo(Command);
@@ -23,6 +25,14 @@ public sealed class TrainCommandDefinition
     }
 
     public RecipeSettings Recipe { get; }
+
+    /// <summary>
+    /// The recipe's generated wiring (<c>Wiring.Layout</c>), or null (a recipe whose layout is decided at run time).
+    /// The run's layout is <c>LayoutSource.For(settings after overrides, Wiring)</c>: the wiring unless the command
+    /// line changed the topology.
+    /// </summary>
+    public IRankLayout? Wiring { get; }
+
     public Command Command { get; }
     public RecipeOptions Options { get; }
     public Option<string?> Metrics { get; }

@@ -17,7 +17,7 @@ namespace Moe.Runtime.Distributed.InProcess;
 public static class InProcessJob
 {
     /// <summary>Runs <paramref name="body"/> on every rank and returns the results in rank order.</summary>
-    public static T[] Run<T>(RankLayout layout, TimeSpan timeout, Func<RankContext, T> body)
+    public static T[] Run<T>(IRankLayout layout, TimeSpan timeout, Func<RankContext, T> body)
     {
         var world = new InProcessWorld(layout.World, timeout);
         var results = new T[layout.World];
