@@ -21,6 +21,8 @@ public sealed class RendezvousClient : IRendezvousStore
     /// <summary>Longest a connection attempt or the handshake may take before the client tries again (within the deadline).</summary>
     private static readonly TimeSpan AttemptTimeout = TimeSpan.FromSeconds(10);
 
+    private static readonly TimeSpan MaxWait = TimeSpan.FromMilliseconds(int.MaxValue - 1);
+
     private readonly Socket _socket;
     private readonly string _server;
     private readonly int _rank;
@@ -280,6 +282,7 @@ public sealed class RendezvousClient : IRendezvousStore
                 : Describe(e));
             ThrowIfFailed();
         }
+        if (wait > MaxWait) wait = MaxWait; // Task.Wait takes at most int.MaxValue ms; a 24-day wait is a stall all the same
         if (!reply.Task.Wait(wait))
         {
             _pending.TryRemove(id, out _);

@@ -78,6 +78,12 @@ public sealed partial class RendezvousServer : IDisposable
         ArgumentOutOfRangeException.ThrowIfLessThan(worldSize, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(port);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(port, IPEndPoint.MaxPort);
+        if (bind.Equals(IPAddress.Any) || bind.Equals(IPAddress.IPv6Any))
+            throw new ArgumentException($"the rendezvous server binds the one address MASTER_ADDR names, not {bind} (all interfaces); see BindAddressFor.", nameof(bind));
+        limits ??= new RendezvousLimits();
+        if (limits.HandshakeDeadline <= TimeSpan.Zero || limits.FrameDeadline <= TimeSpan.Zero || limits.MaxPendingConnections < 1 ||
+            limits.MaxWaitsPerConnection < 1 || limits.MaxQueuedReplies < 1 || limits.MaxStoreBytes < 1)
+            throw new ArgumentException($"rendezvous limits must be positive: {limits}", nameof(limits));
         var endpoint = new IPEndPoint(bind, port);
         var listener = new Socket(bind.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         try
@@ -99,7 +105,7 @@ public sealed partial class RendezvousServer : IDisposable
             };
             throw new UserError($"cannot start the rendezvous server at {endpoint}: {why}.", e);
         }
-        return new RendezvousServer(listener, worldSize, secret, log, limits ?? new RendezvousLimits());
+        return new RendezvousServer(listener, worldSize, secret, log, limits);
     }
 
     /// <summary>
@@ -134,6 +140,7 @@ public sealed partial class RendezvousServer : IDisposable
         public Task Writer { get; set; } = Task.CompletedTask;
         public int Waits; // blocking GETs parked, under the store's lock
         public int Refused;
+        public volatile bool Closing; // no more replies: closed, or told the server is shutting down
         public string Who => Rank >= 0 ? $"rank {Rank} at {Peer}" : Peer;
     }
 
@@ -318,8 +325,7 @@ public sealed partial class RendezvousServer : IDisposable
     /// <summary>Queues a reply; a connection whose queue is full is not reading and is closed.</summary>
     private void Send(Connection conn, byte[] body)
     {
-        if (conn.Closed.IsCancellationRequested || conn.Outbox.Writer.TryWrite(body)) return;
-        if (conn.Closed.IsCancellationRequested) return;
+        if (conn.Closing || conn.Outbox.Writer.TryWrite(body) || conn.Closing) return;
         Refuse(conn, $"has {_limits.MaxQueuedReplies} replies queued that it does not read");
         Close(conn);
     }
@@ -336,6 +342,7 @@ public sealed partial class RendezvousServer : IDisposable
         {
             if (conn.Rank >= 0 && ReferenceEquals(_ranks[conn.Rank], conn)) _ranks[conn.Rank] = null;
         }
+        conn.Closing = true;
         conn.Outbox.Writer.TryComplete();
         conn.Closed.Cancel();
         try { conn.Socket.Shutdown(SocketShutdown.Both); } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
@@ -404,6 +411,7 @@ public sealed partial class RendezvousServer : IDisposable
         foreach (var conn in joined)
         {
             conn.Outbox.Writer.TryWrite(new Writer(OpShutdown, 0).ToArray());
+            conn.Closing = true;
             conn.Outbox.Writer.TryComplete();
         }
         WaitQuietly(joined.Select(c => c.Writer), TimeSpan.FromSeconds(1));
