@@ -102,7 +102,8 @@ public sealed partial class RendezvousServer
         bool timedOut;
         try
         {
-            await Task.Delay(TimeSpan.FromMilliseconds(timeoutMs), w.Timer.Token);
+            // Task.Delay takes at most int.MaxValue ms (24.8 days); a longer wait is answered then.
+            await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(timeoutMs, int.MaxValue - 1u)), w.Timer.Token);
             timedOut = true;
         }
         catch (OperationCanceledException)
