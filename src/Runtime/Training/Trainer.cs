@@ -17,8 +17,8 @@ public interface ISampleSource
     GptSample Sample(long index);
 }
 
-/// <summary>How a run ended.</summary>
-public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps);
+/// <summary>How a run ended: its steps, and why it stopped early (a health signal in Health.StopOn), if it did.</summary>
+public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps, string? StopReason = null);
 
 /// <summary>
 /// One-process trainer: AdamW with decoupled weight decay (none on norm weights, as Megatron exempts
@@ -84,7 +84,7 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public static bool Decays(Parameter p) => p.dim() >= 2;
 
-    public TrainResult Run(ISampleSource data, TextWriter log, MetricsWriter metrics, int logEvery = 1, Action<int>? afterStep = null)
+    public TrainResult Run(ISampleSource data, ITrainingObserver observer, Action<int>? afterStep = null)
     {
         var t = _s.Training;
         int microBatches = Math.Max(1, _s.GradientAccumulationSteps);
@@ -92,7 +92,7 @@ public sealed class Trainer : IDisposable
         double auxCoeff = _s.Router.LoadBalancing == LoadBalancing.None ? 0 : _s.AuxLossCoeff;
         double zCoeff = _s.Router.ZLossCoeff ?? 0;
         var history = new List<StepMetrics>();
-        bool terminal = !Console.IsErrorRedirected;
+        observer.RunStarted();                                                      // issue 15 seam
         for (int step = 1; step <= t.Steps; step++)
         {
             var watch = Stopwatch.StartNew();
@@ -103,6 +103,7 @@ public sealed class Trainer : IDisposable
             foreach (var p in _params) p.grad = null;
             double loss = 0, lm = 0, aux = 0, z = 0, routed = 0, kept = 0;
             long[][] perExpert = Enumerable.Range(0, _model.Config.Layers).Select(_ => new long[_model.Config.Experts]).ToArray();
+            long[][] routedPerExpert = Enumerable.Range(0, _model.Config.Layers).Select(_ => new long[_model.Config.Experts]).ToArray();   // issue 15 seam
             for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
@@ -125,6 +126,8 @@ public sealed class Trainer : IDisposable
                     var d = o.Layers[l].Dispatch;
                     var rows = d.KeptPerExpertE.cpu().data<long>().ToArray();   // tokens, not padding rows
                     for (int e = 0; e < rows.Length; e++) perExpert[l][e] += rows[e];
+                    var chosen = d.RoutedPerExpertE.cpu().data<long>().ToArray();   // issue 15 seam: load balance is measured before drops
+                    for (int e = 0; e < chosen.Length; e++) routedPerExpert[l][e] += chosen[e];
                     routed += d.RoutedPerExpertE.sum().item<long>();
                     kept += d.KeptPerExpertE.sum().item<long>();
                 }
@@ -152,15 +155,16 @@ public sealed class Trainer : IDisposable
                     for (int i = 0; i < _params.Length; i++) _params[i].copy_(_master[i]);
             if (_device.type == DeviceType.CUDA) torch.cuda.synchronize();
             double seconds = watch.Elapsed.TotalSeconds;
-            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpert, routed > 0 ? 1 - kept / routed : 0, microBatches * b * (double)seq / seconds);
+            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpert, routed > 0 ? 1 - kept / routed : 0, microBatches * b * (double)seq / seconds)
+                { RoutedPerExpert = routedPerExpert, StepSeconds = seconds };
+            m = observer.StepEnded(m);                                              // issue 15 seam: memory, MFU, validation, health, metrics, TensorBoard, progress
             history.Add(m);
-            metrics.Write(m);
-            if (terminal) Console.Error.Write("\r" + m.ToProgressLine(t.Steps) + "   ");
-            else if (step % logEvery == 0 || step == t.Steps) log.WriteLine(m.ToProgressLine(t.Steps));
             afterStep?.Invoke(step);
+            if (m.StopReason is not null) break;                                    // issue 15 seam: a signal in Health.StopOn
         }
-        if (terminal) Console.Error.WriteLine();
-        return new TrainResult(history);
+        var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
+        observer.RunEnded(result);                                                  // issue 15 seam
+        return result;
     }
 
     /// <summary>
@@ -194,27 +198,34 @@ public sealed class Trainer : IDisposable
     }
 }
 
-/// <summary>Samples of a Megatron indexed dataset's training split.</summary>
+/// <summary>Samples of one split of a Megatron indexed dataset: training (0, the default) or validation (1).</summary>
 public sealed class IndexedSampleSource : ISampleSource, IDisposable
 {
     private readonly IndexedDataset _data;
     private readonly IndexedDataset? _lossMask;
     private readonly GptDataset _samples;
 
-    public IndexedSampleSource(RecipeSettings s, int eodId)
+    /// <param name="s">The recipe (Data and Training).</param>
+    /// <param name="eodId">End-of-document token id.</param>
+    /// <param name="split">0 train, 1 validation, 2 test: the part of Data.Split to draw from.</param>
+    /// <param name="samples">Samples the run draws (default: Steps × GlobalBatchSize).</param>
+    public IndexedSampleSource(RecipeSettings s, int eodId, int split = 0, int? samples = null)   // issue 15: split, samples
     {
         string prefix = s.Data.Prefix ?? throw new UserError("Data.Prefix is not set: training needs a dataset (a Megatron .bin/.idx prefix).");
         _data = IndexedDataset.Open(prefix);
-        var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[0]
-            ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the training split no weight.");
-        int samples = checked(s.Training.Steps * s.Training.GlobalBatchSize);
+        string[] names = ["training", "validation", "test"];
+        var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[split]
+            ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the {names[split]} split no weight.");
+        if (range.End <= range.Start)
+            throw new UserError($"Data.Split \"{s.Data.Split}\" gives the {names[split]} split no sequence of the {_data.SequenceCount} in {prefix}; give it a larger weight or use more data.");
+        samples ??= checked(s.Training.Steps * s.Training.GlobalBatchSize);
         if (s.Data.Format == DataFormat.Sft)
         {
             if (!prefix.EndsWith("_text_document", StringComparison.Ordinal))
                 throw new UserError($"Data.Prefix \"{prefix}\": SFT data is written by `moe preprocess --sft` as <prefix>_text_document with <prefix>_lossmask_document beside it.");
             _lossMask = IndexedDataset.Open(prefix[..^"_text_document".Length] + "_lossmask_document");
         }
-        _samples = new GptDataset(_data, range, samples, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
+        _samples = new GptDataset(_data, range, samples.Value, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
     }
 
     public GptSample Sample(long index) => _samples.Sample(index);

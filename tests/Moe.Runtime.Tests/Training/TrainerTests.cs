@@ -30,7 +30,7 @@ public class TrainerTests : IDisposable
         using var source = new IndexedSampleSource(s, s.Model.EosTokenId);
         using var writer = new MetricsWriter(metrics);
         using var trainer = new Trainer(s, CPU, TextWriter.Null);
-        return trainer.Run(source, TextWriter.Null, writer, logEvery: 1000);
+        return trainer.Run(source, writer);
     }
 
     [Theory]
