@@ -87,7 +87,7 @@ public sealed class RunDirectory
 
     private void WriteJson(string name, object value)
     {
-        var options = new JsonSerializerOptions { WriteIndented = true, Converters = { new JsonStringEnumConverter() } };
+        var options = new JsonSerializerOptions { WriteIndented = true, Converters = { new JsonStringEnumConverter() }, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
         string tmp = File(name + ".tmp");
         System.IO.File.WriteAllText(tmp, JsonSerializer.Serialize(value, options) + "\n");
         System.IO.File.Move(tmp, File(name), overwrite: true);

@@ -116,7 +116,7 @@ public class TrainerTests : IDisposable
     {
         string metrics = Path.Combine(_dir, "verb.jsonl");
         var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() =>
-            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics]));
+            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics, "--run-dir", Path.Combine(_dir, "run")]));
         Assert.True(exit == 0, output);
         var losses = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("lm_loss").GetDouble()).ToArray();
         Assert.Equal(30, losses.Length);
