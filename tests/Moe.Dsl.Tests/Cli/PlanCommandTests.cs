@@ -23,6 +23,8 @@ public class PlanCommandTests
         Assert.Contains("stage 1                   layers 28–55 (28)", output);
         Assert.Contains("ep rank 7                 expert 7", output);
         Assert.Contains("gradient accumulation     32 = 256 / (1·8)", output);
+        Assert.Contains("drop rate at most         1 % (mean of 20 steps)", output);
+        Assert.Contains("stops on                  nothing (warnings only)", output);
     }
 
     [Fact]
