@@ -61,6 +61,23 @@ public class RunDirectoryTests : IDisposable
     }
 
     [Fact]
+    public void SignalInStopOn_StopsAfterWritingTheStepAndACheckpoint_ExitCodeThree()
+    {
+        var recipe = new Moe.Recipes.TinyMixtral().ToSettings() with
+        {
+            Capacity = new Moe.Dsl.Capacity { Factor = 0.5 },
+            Health = new Moe.Dsl.Health { StopOn = Moe.Dsl.HealthSignal.DropRate },
+        };
+        string run = Path.Combine(_dir, "run"), save = Path.Combine(_dir, "ckpt");
+        var (exit, output, err) = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(recipe),
+            ["train", "--seq-length", "32", "--steps", "5", "--run-dir", run, "--save", save]));
+        Assert.True(exit == 3, output + err);
+        Assert.Contains("stopped: Stopped after step 1 because DropRate is in Health.StopOn: token drop rate", output);
+        Assert.Single(File.ReadAllLines(Path.Combine(run, "metrics.jsonl")));
+        Assert.Equal("1", File.ReadAllText(Path.Combine(save, "latest_checkpointed_iteration.txt")).Trim());
+    }
+
+    [Fact]
     public void EventReader_ChecksTheCrcsItReads()
     {
         // The reader's CRC-32C against the standard check value (RFC 3720 B.4: "123456789" → 0xE3069283).
