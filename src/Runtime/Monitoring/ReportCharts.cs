@@ -75,7 +75,8 @@ public static class ReportCharts
         return charts;
     }
 
-    private static (Plot Plot, string Caption, int Height)? HeatMap(IReadOnlyList<StepMetrics> steps, int topK)
+    /// <summary>The expert-load heat map (null without per-expert counts); public so a test can read its pixels.</summary>
+    public static (Plot Plot, string Caption, int Height)? HeatMap(IReadOnlyList<StepMetrics> steps, int topK)
     {
         var counts = steps.Select(s => s.RoutedPerExpert ?? s.TokensPerExpert).ToArray();
         int layers = counts[^1].Length;
@@ -100,7 +101,9 @@ public static class ReportCharts
         var hm = plot.Add.Heatmap(data);
         hm.Colormap = new ScottPlot.Colormaps.Turbo();
         // Cell (row r, column c) covers x ∈ [first step of c, last step of c], y ∈ [r, r + 1], row 0 (layer 0, expert 0) at the top.
+        // The y axis runs downwards (limits below), so the image is flipped to keep data row 0 at y = 0.
         hm.Extent = new CoordinateRect(steps[0].Step - 0.5, steps[^1].Step + 0.5, rows, 0);
+        hm.FlipVertically = true;
         hm.ManualRange = new ScottPlot.Range(0, Math.Max(1.5, (double)experts / Math.Max(1, topK)));   // top-k of E: at most E / k times the mean
         var bar = plot.Add.ColorBar(hm);
         bar.Label = "load / mean";

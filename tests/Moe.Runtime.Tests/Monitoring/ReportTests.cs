@@ -62,6 +62,28 @@ public class ReportTests : IDisposable
     }
 
     [Fact]
+    public void HeatMap_PutsEachLayerAndExpertOnItsLabelledRow()
+    {
+        // WriteRun: from step 21 layer 1 routes [500, 0, 500, 0]: experts 0 and 2 carry 2× the mean, 1 and 3 nothing.
+        var steps = Moe.Runtime.Monitoring.MetricsFile.Read(Path.Combine(WriteRun(), "metrics.jsonl"))[^1].Steps;
+        var (plot, _, height) = Moe.Runtime.Monitoring.ReportCharts.HeatMap(steps, topK: 2)!.Value;
+        using var bitmap = SkiaSharp.SKBitmap.Decode(plot.GetImage(900, height).GetImageBytes());
+        SkiaSharp.SKColor At(double step, double row)
+        {
+            var p = plot.GetPixel(new ScottPlot.Coordinates(step, row));
+            return bitmap.GetPixel((int)p.X, (int)p.Y);
+        }
+        // Rows: L0 E0..E3 at y 0.5..3.5, L1 E0..E3 at 4.5..7.5. Turbo runs from dark blue-violet (0) to dark red (2).
+        foreach (var (row, hot) in new[] { (4.5, true), (5.5, false), (6.5, true), (7.5, false) })
+        {
+            var c = At(30, row);
+            Assert.True(hot ? c.Red > 2 * c.Blue : c.Blue > c.Red, $"row {row} at step 30: {c}");
+        }
+        var before = At(10, 5.5);   // layer 1 expert 1 before the collapse: 240/250 = 0.96, near the middle (green)
+        Assert.True(before.Green > before.Red && before.Green > before.Blue, $"{before}");
+    }
+
+    [Fact]
     public void DirectoryWithoutMetrics_IsAClearError()
     {
         var (exit, _, err) = Report(_dir);
