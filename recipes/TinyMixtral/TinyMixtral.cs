@@ -32,6 +32,8 @@ public sealed partial class TinyMixtral : Recipe
         MinLearningRate = 3e-4,
         WarmupSteps = 10,
         Steps = 60,
+        EvalInterval = 20,    // validation loss at steps 20, 40, 60 on 2 global batches of the 2 % validation split
+        EvalIters = 2,
         WeightDecay = 0.01,
         Precision = Precision.Bf16, // bf16 with fp32 master weights on a GPU; the CPU trains in fp32
         Seed = 1234,

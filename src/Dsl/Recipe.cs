@@ -33,6 +33,9 @@ public abstract class Recipe
     /// <summary>NCCL environment.</summary>
     public virtual Nccl Nccl => new();
 
+    /// <summary>Training-health checks and TensorBoard. Default: the tutorial's bounds, warnings only.</summary>
+    public virtual Health Health => new();
+
     /// <summary>All settings as one value, for validation and planning.</summary>
     public RecipeSettings ToSettings() => new()
     {
@@ -46,5 +49,6 @@ public abstract class Recipe
         Training = Training,
         Checkpoint = Checkpoint,
         Nccl = Nccl,
+        Health = Health,
     };
 }

@@ -42,6 +42,9 @@ public sealed record RecipeSettings
     /// <summary>NCCL environment.</summary>
     public Nccl Nccl { get; init; } = new();
 
+    /// <summary>Training-health checks and TensorBoard.</summary>
+    public Health Health { get; init; } = new();
+
     /// <summary>Setting paths (e.g. "Parallelism.Gpus", "Model") whose values could not be evaluated at compile time.</summary>
     public IReadOnlyCollection<string> Unknown { get; init; } = Array.Empty<string>();
 

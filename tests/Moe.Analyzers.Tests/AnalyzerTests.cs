@@ -130,7 +130,7 @@ public class AnalyzerTests
             }
             """,
             Verify.Diagnostic("MOE0202").WithLocation(0).WithMessage("GlobalBatchSize (100) must be a multiple of MicroBatchSize × data parallel = 1 × 32 = 32 (data parallel = Gpus / (Tensor·Pipeline·Context) = 32 / 1); valid GlobalBatchSize near 100: 96, 128"),
-            Verify.Diagnostic("MOE0208").WithLocation(1).WithMessage("WarmupSteps (2000) must be between 0 and Steps (1000)"),
+            Verify.Diagnostic("MOE0213", Microsoft.CodeAnalysis.DiagnosticSeverity.Warning).WithLocation(1).WithMessage("WarmupSteps (2000) exceeds Steps (1000): the warm-up is capped at 1000 steps, so the learning rate reaches its peak only at the last step"),
             Verify.Diagnostic("MOE0204").WithLocation(2).WithMessage("SequenceLength (65536) exceeds the 32768 positions of Mixtral 8x7B"));
     }
 

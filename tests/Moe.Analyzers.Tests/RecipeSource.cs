@@ -20,6 +20,7 @@ internal static class RecipeSource
         ("Data", s => s.Data, new Data()),
         ("Training", s => s.Training, new Training()),
         ("Checkpoint", s => s.Checkpoint, new Checkpoint()),
+        ("Health", s => s.Health, new Health()),
     ];
 
     public static string Render(RecipeSettings s, IReadOnlyList<string> markedPaths, out Dictionary<string, int> markers)

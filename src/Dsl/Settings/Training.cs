@@ -21,7 +21,10 @@ public sealed record Training
     /// <summary>Decay after warm-up. Megatron: <c>--lr-decay-style</c>.</summary>
     public LrSchedule Schedule { get; init; } = LrSchedule.Cosine;
 
-    /// <summary>Linear warm-up steps from 0 to the peak. Megatron: <c>--lr-warmup-iters</c>.</summary>
+    /// <summary>
+    /// Linear warm-up steps from 0 to the peak. Megatron: <c>--lr-warmup-iters</c>. A warm-up longer than
+    /// <see cref="Steps"/> is capped at Steps with a note (MOE0213), so a short trial run needs no other change.
+    /// </summary>
     public int WarmupSteps { get; init; }
 
     /// <summary>Decoupled AdamW weight decay. Megatron: <c>--weight-decay</c>.</summary>
@@ -41,6 +44,18 @@ public sealed record Training
 
     /// <summary>Random seed for initialisation, data order and dropout. Megatron: <c>--seed</c>.</summary>
     public int Seed { get; init; } = 1234;
+
+    /// <summary>
+    /// Evaluate the validation split (the second weight of <see cref="Data.Split"/>) every this many steps and
+    /// after the last step; null: never. Default 1000. Megatron: <c>--eval-interval</c>.
+    /// </summary>
+    public int? EvalInterval { get; init; } = 1000;
+
+    /// <summary>
+    /// Global batches of validation samples per evaluation, run in micro-batches of <see cref="MicroBatchSize"/>
+    /// without gradients. Default 100. Megatron: <c>--eval-iters</c>.
+    /// </summary>
+    public int EvalIters { get; init; } = 100;
 
     /// <summary>Training precision. Megatron: <c>--bf16</c>.</summary>
     public Precision Precision { get; init; } = Precision.Bf16;

@@ -84,6 +84,12 @@ public static class DiagnosticIds
     public const string SequenceLengthNotPositive = "MOE0209";
     /// <summary>A checkpoint interval is not positive, or is given without a save directory.</summary>
     public const string CheckpointIntervalInvalid = "MOE0210";
+    /// <summary>A training-health bound is out of range, cannot fire, or can never be exceeded.</summary>
+    public const string HealthSettingInvalid = "MOE0211";
+    /// <summary>The evaluation settings are out of range, or evaluate a validation split of weight zero.</summary>
+    public const string EvaluationSettingInvalid = "MOE0212";
+    /// <summary>WarmupSteps exceeds Steps: the warm-up is capped at the run's length.</summary>
+    public const string WarmupLongerThanRun = "MOE0213";
 
     // Start-up: MOE0900-MOE0999
     /// <summary>The recipe's Gpus differs from the launcher's world size.</summary>

@@ -110,6 +110,84 @@ public static partial class RuleSet
             if (c.Save is null) return One(interval, $"Checkpoint Interval ({F(i)}) has nowhere to save: set Save to a directory", null, "Checkpoint.Interval", "Checkpoint.Save");
             return None;
         });
+
+        // MOE0211 (Moe): health bounds that are out of range, would fire on healthy routing, or can never fire.
+        var health = D(DiagnosticIds.HealthSettingInvalid, "Health bounds must be in range and able to fire", DataCat, "Moe",
+            "Health", "Router.TopK", "Model.Experts", "Model.ExpertsPerToken");
+        yield return new Rule(health, (s, _) => HealthFindings(health, s));
+
+        // MOE0212 (Moe): Megatron silently skips evaluation when the split gives validation no weight.
+        var eval = D(DiagnosticIds.EvaluationSettingInvalid, "Evaluation needs a positive interval, iterations and a validation split", DataCat, "Moe",
+            "Training.EvalInterval", "Training.EvalIters", "Data.Split");
+        yield return new Rule(eval, (s, _) => EvaluationFindings(eval, s));
+
+        // MOE0213 (Moe): a short trial run keeps the recipe's warm-up; the runtime caps it at Steps.
+        var warmup = W(DiagnosticIds.WarmupLongerThanRun, "WarmupSteps longer than the run is capped at Steps", DataCat, "Moe",
+            "Training.WarmupSteps", "Training.Steps");
+        yield return new Rule(warmup, (s, _) =>
+        {
+            var t = s.Training;
+            if (t.Steps < 1 || t.WarmupSteps <= t.Steps) return None;
+            return One(warmup, $"WarmupSteps ({F(t.WarmupSteps)}) exceeds Steps ({F(t.Steps)}): the warm-up is capped at {F(t.Steps)} steps, so the learning rate reaches its peak only at the last step",
+                SetFix("Training.WarmupSteps", t.Steps), "Training.WarmupSteps");
+        });
+    }
+
+    private static IEnumerable<Finding> HealthFindings(RuleDescriptor d, RecipeSettings s)
+    {
+        var h = s.Health;
+        Finding Bad(string name, string message) => new(d, message, new[] { "Health." + name });
+        if (h.Window < 1) yield return Bad("Window", $"Health Window ({F(h.Window)}) must be at least 1 step");
+        if (h.LossWindow is int lw && lw < 1) yield return Bad("LossWindow", $"Health LossWindow ({F(lw)}) must be at least 1 step (null switches the loss check off)");
+        if (h.MaxDropRate is double drop && !(drop >= 0 && drop < 1))
+            yield return Bad("MaxDropRate", $"Health MaxDropRate ({F(drop)}) must be in [0, 1): it is the share of routed tokens dropped");
+        int experts = s.Model.Experts, k = s.TopK;
+        bool routing = experts >= 1 && k >= 1 && k <= experts;
+        if (h.MaxLoadImbalance is double imb)
+        {
+            if (!(imb > 1))
+                yield return Bad("MaxLoadImbalance", $"Health MaxLoadImbalance ({F(imb)}) must be above 1: the busiest expert always carries at least its layer's mean, so the check would fire on perfectly uniform routing");
+            else if (routing && imb >= (double)experts / k)
+                yield return Bad("MaxLoadImbalance", $"Health MaxLoadImbalance ({F(imb)}) can never be exceeded: with top-{F(k)} of {F(experts)} experts the busiest expert carries at most Experts / TopK = {F(experts)} / {F(k)} = {F((double)experts / k)} times the mean; choose a bound between 1 and {F((double)experts / k)}");
+        }
+        if (h.CollapseShare is double share && routing)
+        {
+            double uniform = (double)k / experts;
+            if (!(share > uniform && share <= 1))
+                yield return Bad("CollapseShare", $"Health CollapseShare ({F(share)}) must be above the uniform share TopK / Experts = {F(k)} / {F(experts)} = {F(uniform)} and at most 1: the {F(k)} busiest experts always take at least {F(uniform)} of the assignments");
+        }
+        if (h.MinMemoryHeadroom is double mem && !(mem >= 0 && mem < 1))
+            yield return Bad("MinMemoryHeadroom", $"Health MinMemoryHeadroom ({F(mem)}) must be in [0, 1): it is the share of device memory left free");
+        if (h.MaxAllToAllShare is double a2a && !(a2a > 0 && a2a <= 1))
+            yield return Bad("MaxAllToAllShare", $"Health MaxAllToAllShare ({F(a2a)}) must be in (0, 1]: it is the share of the step spent in the all-to-all");
+        foreach (var (signal, bound, isSet) in new[]
+        {
+            (HealthSignal.Loss, "LossWindow", h.LossWindow is not null),
+            (HealthSignal.DropRate, "MaxDropRate", h.MaxDropRate is not null),
+            (HealthSignal.LoadImbalance, "MaxLoadImbalance", h.MaxLoadImbalance is not null),
+            (HealthSignal.RouterCollapse, "CollapseShare", h.CollapseShare is not null),
+            (HealthSignal.MemoryHeadroom, "MinMemoryHeadroom", h.MinMemoryHeadroom is not null),
+            (HealthSignal.AllToAll, "MaxAllToAllShare", h.MaxAllToAllShare is not null),
+        })
+        {
+            if ((h.StopOn & signal) != 0 && !isSet)
+                yield return new Finding(d, $"Health StopOn includes {signal} but {bound} is null, so that check is off and can never stop the run: set {bound} or remove {signal} from StopOn", new[] { "Health.StopOn", "Health." + bound });
+        }
+        if (string.IsNullOrWhiteSpace(h.TensorBoardDir))
+            yield return Bad("TensorBoardDir", "Health TensorBoardDir must name a directory (relative paths are inside the run directory)");
+    }
+
+    private static IEnumerable<Finding> EvaluationFindings(RuleDescriptor d, RecipeSettings s)
+    {
+        var t = s.Training;
+        if (t.EvalInterval is not int interval) yield break;
+        if (interval < 1)
+            yield return new Finding(d, $"EvalInterval ({F(interval)}) must be at least 1 step (null: no evaluation)", new[] { "Training.EvalInterval" });
+        if (t.EvalIters < 1)
+            yield return new Finding(d, $"EvalIters ({F(t.EvalIters)}) must be at least 1 global batch per evaluation", new[] { "Training.EvalIters" }, SetFix("Training.EvalIters", 1));
+        if (DataSplit.TryParse(s.Data.Split, out var w, out _) && !(w[1] > 0))
+            yield return new Finding(d, $"EvalInterval ({F(interval)}) evaluates the validation split, but Split \"{s.Data.Split}\" gives it no weight: add a second weight to Split (e.g. \"98,2,0\") or set EvalInterval = null",
+                new[] { "Training.EvalInterval", "Data.Split" });
     }
 
     private static IEnumerable<Finding> BatchFindings(RuleDescriptor d, Training t)
@@ -127,8 +205,7 @@ public static partial class RuleSet
         if (!(t.LearningRate > 0)) yield return Bad("LearningRate", $"({F(t.LearningRate)}) must be positive");
         if (t.MinLearningRate < 0 || t.MinLearningRate > t.LearningRate)
             yield return Bad("MinLearningRate", $"({F(t.MinLearningRate)}) must be between 0 and LearningRate ({F(t.LearningRate)})");
-        if (t.WarmupSteps < 0 || (t.Steps >= 1 && t.WarmupSteps > t.Steps))
-            yield return Bad("WarmupSteps", $"({F(t.WarmupSteps)}) must be between 0 and Steps ({F(t.Steps)})");
+        if (t.WarmupSteps < 0) yield return Bad("WarmupSteps", $"({F(t.WarmupSteps)}) must not be negative (0: no warm-up)");
         if (t.WeightDecay < 0) yield return Bad("WeightDecay", $"({F(t.WeightDecay)}) must not be negative");
         if (t.AdamBeta1 < 0 || t.AdamBeta1 >= 1) yield return Bad("AdamBeta1", $"({F(t.AdamBeta1)}) must be in [0, 1)");
         if (t.AdamBeta2 < 0 || t.AdamBeta2 >= 1) yield return Bad("AdamBeta2", $"({F(t.AdamBeta2)}) must be in [0, 1)");

@@ -6,6 +6,7 @@ using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
 using Moe.Runtime.Commands.Preprocess;
+using Moe.Runtime.Commands.Report;
 using Moe.Runtime.Commands.Train;
 
 namespace Moe.Runtime.Commands;
@@ -57,6 +58,7 @@ public static class MoeCommands
             yield return ForwardCommandParser.Create();
             yield return BenchCommandParser.Create();
             yield return PreprocessCommandParser.Create();
+            yield return ReportCommandParser.Create();
         }
     }
 

@@ -23,6 +23,8 @@ public sealed class RecipeOptions
     public Option<int> MicroBatchSize { get; }
     public Option<int> GlobalBatchSize { get; }
     public Option<int> Steps { get; }
+    public Option<int> WarmupSteps { get; }
+    public Option<int?> EvalInterval { get; }
     public Option<double> LearningRate { get; }
     public Option<int> SequenceLength { get; }
     public Option<string?> DataPath { get; }
@@ -53,6 +55,12 @@ public sealed class RecipeOptions
         MicroBatchSize = Int("--micro-batch-size", Doc("Training.MicroBatchSize", "Samples per forward/backward on one rank. Megatron: --micro-batch-size."), t.MicroBatchSize);
         GlobalBatchSize = Int("--global-batch-size", Doc("Training.GlobalBatchSize", "Samples per optimizer step over all data-parallel ranks. Megatron: --global-batch-size."), t.GlobalBatchSize);
         Steps = Int("--steps", Doc("Training.Steps", "Optimizer steps. Megatron: --train-iters."), t.Steps);
+        WarmupSteps = Int("--warmup-steps", Doc("Training.WarmupSteps", "Linear warm-up steps. Megatron: --lr-warmup-iters."), t.WarmupSteps);
+        EvalInterval = new Option<int?>("--eval-interval")
+        {
+            Description = Doc("Training.EvalInterval", "Evaluate the validation split every this many steps. Megatron: --eval-interval."),
+            DefaultValueFactory = _ => t.EvalInterval,
+        };
         LearningRate = new Option<double>("--lr")
         {
             Description = Doc("Training.LearningRate", "Peak learning rate. Megatron: --lr."),
@@ -67,7 +75,7 @@ public sealed class RecipeOptions
 
     /// <summary>Every option, in the order help lists them.</summary>
     public IEnumerable<Option> All => [Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, SequenceParallel, Order,
-        MicroBatchSize, GlobalBatchSize, Steps, LearningRate, SequenceLength, DataPath, Load, Save, Seed];
+        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, Seed];
 
     /// <summary>Adds every option to a command.</summary>
     public void AddTo(Command command)
@@ -94,6 +102,8 @@ public sealed class RecipeOptions
             MicroBatchSize = parse.GetValue(MicroBatchSize),
             GlobalBatchSize = parse.GetValue(GlobalBatchSize),
             Steps = parse.GetValue(Steps),
+            WarmupSteps = parse.GetValue(WarmupSteps),
+            EvalInterval = parse.GetValue(EvalInterval),
             LearningRate = parse.GetValue(LearningRate),
             Seed = parse.GetValue(Seed),
         },

@@ -1,5 +1,3 @@
-using System.Runtime.InteropServices;
-
 namespace Moe.Runtime.Devices;
 
 /// <summary>
@@ -8,7 +6,7 @@ namespace Moe.Runtime.Devices;
 /// blocks grow in place instead of leaving fixed-size segments half used, which on the throughput protocol
 /// took device memory in use from 19.0 to 16.6 GB at the same speed (docs/performance.md).
 /// </summary>
-public static partial class CudaAllocator
+public static class CudaAllocator
 {
     public const string Variable = "PYTORCH_CUDA_ALLOC_CONF";
     public const string Default = "expandable_segments:True";
@@ -22,11 +20,7 @@ public static partial class CudaAllocator
         string? user = Environment.GetEnvironmentVariable(Variable) ?? Environment.GetEnvironmentVariable("PYTORCH_ALLOC_CONF");
         if (!string.IsNullOrEmpty(user)) return user;
         // .NET keeps its own copy of the environment on Unix; libtorch's getenv sees only the C library's.
-        if (OperatingSystem.IsWindows()) Environment.SetEnvironmentVariable(Variable, Default);
-        else if (SetEnv(Variable, Default, 1) != 0) throw new InvalidOperationException($"setenv({Variable}) failed with errno {Marshal.GetLastPInvokeError()}.");
+        Distributed.Launch.NativeEnvironment.Set(Variable, Default);
         return Default;
     }
-
-    [LibraryImport("libc", EntryPoint = "setenv", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
-    private static partial int SetEnv(string name, string value, int overwrite);
 }

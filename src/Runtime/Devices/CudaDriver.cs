@@ -31,6 +31,7 @@ public static partial class CudaDriver
     [LibraryImport(Lib)] internal static partial int cuEventQuery(IntPtr evt);
     [LibraryImport(Lib)] internal static partial int cuEventSynchronize(IntPtr evt);
     [LibraryImport(Lib)] internal static partial int cuEventDestroy_v2(IntPtr evt);
+    [LibraryImport(Lib)] internal static partial int cuEventElapsedTime(out float milliseconds, IntPtr start, IntPtr end);
     [LibraryImport(Lib)] internal static partial int cuGetErrorName(int status, out IntPtr name);
 
     /// <summary>Throws naming <paramref name="call"/> and CUDA's error name unless <paramref name="status"/> is CUDA_SUCCESS.</summary>

@@ -16,7 +16,10 @@ public static class CudaMemory
     private delegate int MemGetInfo(out nuint free, out nuint total);
 
     /// <summary>GiB in use on the current device, or null when no CUDA runtime library is loaded.</summary>
-    public static double? InUseGiB()
+    public static double? InUseGiB() => Info() is (long used, _) ? used / (double)(1L << 30) : null;
+
+    /// <summary>Bytes in use (total − free) and in total on the current device, or null when no CUDA runtime library is loaded.</summary>
+    public static (long Used, long Total)? Info()
     {
         foreach (var name in Names)
         {
@@ -24,7 +27,7 @@ public static class CudaMemory
             if (!NativeLibrary.TryGetExport(lib, "cudaMemGetInfo", out var fn)) continue;
             int status = Marshal.GetDelegateForFunctionPointer<MemGetInfo>(fn)(out var free, out var total);
             if (status != 0) throw new InvalidOperationException($"cudaMemGetInfo failed with CUDA error {status}.");
-            return (total - free) / (double)(1L << 30);
+            return ((long)(total - free), (long)total);
         }
         return null;
     }

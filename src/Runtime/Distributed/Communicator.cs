@@ -43,6 +43,7 @@ public abstract class Communicator : IDisposable
     private readonly Queue<CollectiveRecord> _recent = new();
     private long _sequence;
     private long _transferSequence;
+    private long _ticks;
 
     protected Communicator(string name, int[] ranks, int rank, TimeSpan timeout)
     {
@@ -198,8 +199,23 @@ public abstract class Communicator : IDisposable
             _recent.Enqueue(record);
             while (_recent.Count > 16) _recent.Dequeue();
         }
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
         body(sequence);
+        Interlocked.Add(ref _ticks, System.Diagnostics.Stopwatch.GetTimestamp() - start);
     }
+
+    /// <summary>
+    /// Whether <see cref="TakeSeconds"/> measures communication: false for the in-process backend, whose ranks are
+    /// threads sharing a few cores, so a call's time is mostly waiting for the other threads to be scheduled.
+    /// </summary>
+    public virtual bool MeasuresTime => true;
+
+    /// <summary>
+    /// Seconds this rank spent in the group's operations since the last call (and resets the count): the time
+    /// the expert all-to-all takes out of a step. The in-process backend measures the calls; NCCL measures the
+    /// operations on its stream.
+    /// </summary>
+    public virtual double TakeSeconds() => Interlocked.Exchange(ref _ticks, 0) / (double)System.Diagnostics.Stopwatch.Frequency;
 
     /// <summary>Releases the backend's resources for this group.</summary>
     public virtual void Dispose() => GC.SuppressFinalize(this);

@@ -2,6 +2,8 @@ using System.Diagnostics;
 using Moe.Dsl;
 using Moe.Runtime.Checkpoints;
 using Moe.Runtime.Data;
+using Moe.Runtime.Devices;
+using Moe.Runtime.Monitoring;
 using Moe.Runtime.Distributed;
 using Moe.Runtime.Distributed.InProcess;
 using Moe.Runtime.MixtureOfExperts;
@@ -19,7 +21,9 @@ public interface ISampleSource : IDisposable
 }
 
 /// <summary>How a run ended.</summary>
-public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps);
+/// <param name="Steps">Every step's metrics.</param>
+/// <param name="StopReason">Why the run stopped before its last step (a signal in Health.StopOn), or null.</param>
+public sealed record TrainResult(IReadOnlyList<StepMetrics> Steps, string? StopReason = null);
 
 /// <summary>What one rank of a job is: its process groups and its device. Passed down, never kept in statics.</summary>
 /// <param name="Groups">This rank's process groups.</param>
@@ -193,7 +197,14 @@ public sealed class Trainer : IDisposable
         return (long)(step - 1) * t.GlobalBatchSize + ((long)micro * dp + dpRank) * t.MicroBatchSize;
     }
 
-    public TrainResult Run(ISampleSource data, TextWriter log, MetricsWriter metrics, int logEvery = 1, Action<int>? afterStep = null)
+    /// <summary>
+    /// Trains Steps optimizer steps. Every rank calls <paramref name="observer"/>'s StepEnded with the same
+    /// reduced metrics (losses averaged, token counts summed over data parallel; device memory and all-to-all
+    /// time the largest over the ranks), so checks made from them decide alike everywhere; the caller gives the
+    /// writers (metrics file, TensorBoard, progress) to the reporting rank only. A stop asked by an observer on any
+    /// rank stops every rank after that step.
+    /// </summary>
+    public TrainResult Run(ISampleSource data, ITrainingObserver observer, Action<int>? afterStep = null)
     {
         var t = _s.Training;
         int microBatches = MicroBatches;
@@ -201,18 +212,20 @@ public sealed class Trainer : IDisposable
         double auxCoeff = _s.Router.LoadBalancing == LoadBalancing.None ? 0 : _s.AuxLossCoeff;
         double zCoeff = _s.Router.ZLossCoeff ?? 0;
         var history = new List<StepMetrics>();
-        bool reports = _rank.Reports;
-        bool terminal = reports && !Console.IsErrorRedirected;
         var device = _rank.Device;
+        var groups = _rank.Groups;
         int layers = _model.Config.Layers, experts = _model.Config.Experts;
+        observer.RunStarted();
         for (int step = 1; step <= t.Steps; step++)
         {
             var watch = Stopwatch.StartNew();
             using var scope = torch.NewDisposeScope();
             double lr = LearningRate.At(step, t);
             foreach (var buffer in _buffers) buffer.BindGradients();
-            // Device-side sums over the step's micro-batches, read back once: [lm sum, counted tokens, aux, z, routed, kept, tokens per expert (L·E)].
-            var sums = torch.zeros(6 + layers * experts, dtype: ScalarType.Float64, device: device);
+            groups.Ep.TakeSeconds();   // the step's all-to-all time counts from here
+            // Device-side sums over the step's micro-batches, read back once: [lm sum, counted tokens, aux, z, routed,
+            // kept, kept per expert (L·E), routed per expert (L·E)].
+            var sums = torch.zeros(6 + 2 * layers * experts, dtype: ScalarType.Float64, device: device);
             for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
@@ -230,22 +243,21 @@ public sealed class Trainer : IDisposable
                 using (torch.no_grad())
                 {
                     var counted = lossMask.sum().to(ScalarType.Float64);
-                    var perExpert = torch.stack(o.Layers.Select(l => l.TokensPerExpert).ToArray()).flatten().to(ScalarType.Float64);
-                    var routed = torch.stack(o.Layers.Select(l => l.RoutedPerExpert.sum()).ToArray()).sum().to(ScalarType.Float64);
+                    var kept = torch.stack(o.Layers.Select(l => l.TokensPerExpert).ToArray()).flatten().to(ScalarType.Float64);
+                    var routed = torch.stack(o.Layers.Select(l => l.RoutedPerExpert).ToArray()).flatten().to(ScalarType.Float64);
                     sums.add_(torch.cat(new[]
                     {
                         torch.stack(new[] { o.LmLoss!.detach().to(ScalarType.Float64) * counted, counted,
                             o.AuxLoss.detach().to(ScalarType.Float64) / microBatches,
                             (o.ZLoss ?? torch.zeros(1, device: device).squeeze()).detach().to(ScalarType.Float64) / microBatches,
-                            routed, perExpert.sum() }),
-                        perExpert,
+                            routed.sum(), kept.sum() }),
+                        kept, routed,
                     }));
                 }
             }
             foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
 
             // One reduction and one read-back of the step's numbers over data parallel.
-            var groups = _rank.Groups;
             var reduced = sums.to(groups.Dp.DeviceForScalars);
             groups.Dp.AllReduce(reduced);
             var v = reduced.cpu().data<double>().ToArray();
@@ -253,7 +265,7 @@ public sealed class Trainer : IDisposable
             double lm = v[1] > 0 ? v[0] / v[1] : 0, aux = v[2] / dp, z = v[3] / dp;
             double loss = lm + auxCoeff * aux + zCoeff * z;
             double routedPairs = v[4], keptPairs = v[5];
-            var perExpertCounts = Enumerable.Range(0, layers).Select(l => Enumerable.Range(0, experts).Select(e => (long)Math.Round(v[6 + l * experts + e])).ToArray()).ToArray();
+            long[][] Counts(int at) => Enumerable.Range(0, layers).Select(l => Enumerable.Range(0, experts).Select(e => (long)Math.Round(v[at + l * experts + e])).ToArray()).ToArray();
             if (!double.IsFinite(loss))
             {
                 string last = history.Count == 0 ? "no step completed" : $"the last good step was {history[^1].Step} (loss {history[^1].Loss:G5})";
@@ -269,22 +281,68 @@ public sealed class Trainer : IDisposable
             }
             _optimizer.Step(lr, ClipFactor(gradNorm, t.ClipGrad));
             _model.ResetGlobalAuxLoss();   // global_aux_loss counts span one global batch (Megatron resets per iteration)
-            _model.UpdateExpertBias();     // aux-loss-free balancing: the global batch's counts move the bias
+            UpdateExpertBias();
             if (device.type == DeviceType.CUDA) torch.cuda.synchronize();
             double seconds = watch.Elapsed.TotalSeconds;
-            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, perExpertCounts, routedPairs > 0 ? 1 - keptPairs / routedPairs : 0,
-                (double)t.GlobalBatchSize * seq / seconds);
-            history.Add(m);
-            if (reports)
+            var (memoryUsed, memoryTotal, allToAllSeconds) = LargestOverRanks(device, groups.Ep.Size > 1 && groups.Ep.MeasuresTime ? groups.Ep.TakeSeconds() : null);
+            var m = new StepMetrics(step, loss, lm, aux, z, lr, gradNorm, Counts(6), routedPairs > 0 ? 1 - keptPairs / routedPairs : 0,
+                (double)t.GlobalBatchSize * seq / seconds)
             {
-                metrics.Write(m);
-                if (terminal) Console.Error.Write("\r" + m.ToProgressLine(t.Steps) + "   ");
-                else if (step % logEvery == 0 || step == t.Steps) log.WriteLine(m.ToProgressLine(t.Steps));
-            }
+                RoutedPerExpert = Counts(6 + layers * experts),
+                StepSeconds = seconds,
+                MemoryUsedBytes = memoryUsed,
+                MemoryTotalBytes = memoryTotal,
+                AllToAllSeconds = allToAllSeconds,
+            };
+            m = observer.StepEnded(m);
+            m = AgreeOnStop(m);
+            history.Add(m);
             afterStep?.Invoke(step);
+            if (m.StopReason is not null) break;
         }
-        if (terminal) Console.Error.WriteLine();
-        return new TrainResult(history);
+        var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
+        observer.RunEnded(result);
+        return result;
+    }
+
+    /// <summary>
+    /// Aux-loss-free balancing: each layer's expert-bias counts summed over tensor × data × context parallel (the
+    /// whole global batch, as Megatron's _update_router_expert_bias reduces them) before the bias moves.
+    /// </summary>
+    private void UpdateExpertBias()
+    {
+        var biased = _model.Layers.Select(l => l.Moe.ExpertBias).Where(e => e is not null).ToList();
+        if (biased.Count > 0 && _rank.Groups.TpDpCp.Size > 1)
+        {
+            using var scope = torch.NewDisposeScope();
+            var stacked = torch.stack(biased.Select(e => e!.CountsE).ToArray());
+            _rank.Groups.TpDpCp.AllReduce(stacked);
+            using (torch.no_grad())
+                for (int i = 0; i < biased.Count; i++) biased[i]!.CountsE.copy_(stacked[i]);
+        }
+        _model.UpdateExpertBias();
+    }
+
+    /// <summary>Device memory (used, total) and all-to-all seconds, the largest over every rank (one small all-reduce); nulls where not measured.</summary>
+    private (long? Used, long? Total, double? AllToAll) LargestOverRanks(Device device, double? allToAll)
+    {
+        var memory = device.type == DeviceType.CUDA ? CudaMemory.Info() : null;
+        if (_rank.Groups.World.Size == 1) return (memory?.Used, memory?.Total, allToAll);
+        using var values = torch.tensor(new double[] { memory?.Used ?? -1, memory?.Total ?? -1, allToAll ?? -1 }, device: _rank.Groups.World.DeviceForScalars);
+        _rank.Groups.World.AllReduce(values, ReduceOp.Max);
+        var v = values.cpu().data<double>().ToArray();
+        return (v[0] < 0 ? null : (long)v[0], v[1] < 0 ? null : (long)v[1], v[2] < 0 ? null : v[2]);
+    }
+
+    /// <summary>Any rank's stop stops all: the reason of the lowest rank that asked, or a note that another rank did.</summary>
+    private StepMetrics AgreeOnStop(StepMetrics m)
+    {
+        var world = _rank.Groups.World;
+        if (world.Size == 1) return m;
+        var asked = world.AllGatherScalars(m.StopReason is null ? 0 : 1);
+        int first = Array.IndexOf(asked, 1L);
+        if (first < 0 || m.StopReason is not null) return m;
+        return m with { StopReason = $"rank {first} stopped the run after step {m.Step} (its log says why)" };
     }
 
     /// <summary>
@@ -323,20 +381,27 @@ public sealed class IndexedSampleSource : ISampleSource
     private readonly IndexedDataset? _lossMask;
     private readonly GptDataset _samples;
 
-    public IndexedSampleSource(RecipeSettings s, int eodId)
+    /// <param name="s">The recipe (Data and Training).</param>
+    /// <param name="eodId">End-of-document token id.</param>
+    /// <param name="split">0 train, 1 validation, 2 test: the part of Data.Split to draw from.</param>
+    /// <param name="samples">Samples the run draws (default: Steps × GlobalBatchSize).</param>
+    public IndexedSampleSource(RecipeSettings s, int eodId, int split = 0, int? samples = null)
     {
         string prefix = s.Data.Prefix ?? throw new UserError("Data.Prefix is not set: training needs a dataset (a Megatron .bin/.idx prefix).");
         _data = IndexedDataset.Open(prefix);
-        var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[0]
-            ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the training split no weight.");
-        int samples = checked(s.Training.Steps * s.Training.GlobalBatchSize);
+        string[] names = ["training", "validation", "test"];
+        var range = DataSplits.Ranges(s.Data.Split, _data.SequenceCount)[split]
+            ?? throw new UserError($"Data.Split \"{s.Data.Split}\" gives the {names[split]} split no weight.");
+        if (range.End <= range.Start)
+            throw new UserError($"Data.Split \"{s.Data.Split}\" gives the {names[split]} split no sequence of the {_data.SequenceCount} in {prefix}; give it a larger weight or use more data.");
+        samples ??= checked(s.Training.Steps * s.Training.GlobalBatchSize);
         if (s.Data.Format == DataFormat.Sft)
         {
             if (!prefix.EndsWith("_text_document", StringComparison.Ordinal))
                 throw new UserError($"Data.Prefix \"{prefix}\": SFT data is written by `moe preprocess --sft` as <prefix>_text_document with <prefix>_lossmask_document beside it.");
             _lossMask = IndexedDataset.Open(prefix[..^"_text_document".Length] + "_lossmask_document");
         }
-        _samples = new GptDataset(_data, range, samples, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
+        _samples = new GptDataset(_data, range, samples.Value, SampleOptions.From(s.Data, eodId), s.Training.Seed, _lossMask);
     }
 
     public GptSample Sample(long index) => _samples.Sample(index);

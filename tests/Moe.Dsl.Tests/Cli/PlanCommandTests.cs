@@ -23,6 +23,8 @@ public class PlanCommandTests
         Assert.Contains("stage 1                   layers 28–55 (28)", output);
         Assert.Contains("ep rank 7                 expert 7", output);
         Assert.Contains("gradient accumulation     32 = 256 / (1·8)", output);
+        Assert.Contains("drop rate at most         1 % (mean of 20 steps)", output);
+        Assert.Contains("stops on                  nothing (warnings only)", output);
     }
 
     [Fact]
@@ -68,7 +70,7 @@ public class PlanCommandTests
         Assert.Equal(new[]
         {
             "--gpus", "--tp", "--pp", "--cp", "--ep", "--etp", "--sequence-parallel", "--order",
-            "--micro-batch-size", "--global-batch-size", "--steps", "--lr", "--seq-length", "--data-path", "--load", "--save", "--seed",
+            "--micro-batch-size", "--global-batch-size", "--steps", "--warmup-steps", "--eval-interval", "--lr", "--seq-length", "--data-path", "--load", "--save", "--seed",
         }, names);
     }
 }

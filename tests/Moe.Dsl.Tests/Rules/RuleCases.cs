@@ -32,6 +32,7 @@ public static class RuleCases
     private static RecipeSettings T(Func<Training, Training> f, RecipeSettings? s = null) { s ??= Base; return s with { Training = f(s.Training) }; }
     private static RecipeSettings Dt(Func<Data, Data> f, RecipeSettings? s = null) { s ??= Base; return s with { Data = f(s.Data) }; }
     private static RecipeSettings M(Func<Model, Model> f) => Base with { Model = f(Base.Model) };
+    private static RecipeSettings H(Func<Health, Health> f) => Base with { Health = f(Base.Health) };
     private static readonly RecipeSettings X22 = Base with { Model = Model.Mixtral8x22B };
 
     public static IEnumerable<Case> All()
@@ -150,13 +151,47 @@ public static class RuleCases
             ["SequenceLength / Context = 4098 / 1 = 4098 must be a multiple of Tensor (4)"],
             Dt(d => d with { SequenceLength = 4098 }, P(p => p with { Tensor = 4, SequenceParallel = true })), Dt(d => d with { SequenceLength = 4100 }, P(p => p with { Tensor = 4, SequenceParallel = true })));
         yield return new(DiagnosticIds.OptimizerSettingInvalid, "Training.WarmupSteps",
-            ["WarmupSteps (200) must be between 0 and Steps (100)"],
-            T(t => t with { WarmupSteps = 200 }), T(t => t with { WarmupSteps = 100 }));
+            ["WarmupSteps (-5) must not be negative (0: no warm-up)"],
+            T(t => t with { WarmupSteps = -5 }), T(t => t with { WarmupSteps = 0 }));
         yield return new(DiagnosticIds.SequenceLengthNotPositive, "Data.SequenceLength",
             ["SequenceLength (0) must be at least 1"],
             Dt(d => d with { SequenceLength = 0 }), Dt(d => d with { SequenceLength = 1 }));
         yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.Interval",
             ["Checkpoint Interval (100) has nowhere to save"],
             Base with { Checkpoint = new Checkpoint { Interval = 100 } }, Base with { Checkpoint = new Checkpoint { Interval = 100, Save = "ckpt" } });
+        // Mixtral 8x7B routes top-2 of 8: max/mean is at most 8 / 2 = 4, the uniform top-2 share is 2 / 8 = 0.25.
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.MaxLoadImbalance",
+            ["Health MaxLoadImbalance (4) can never be exceeded", "at most Experts / TopK = 8 / 2 = 4 times the mean; choose a bound between 1 and 4"],
+            H(h => h with { MaxLoadImbalance = 4 }), H(h => h with { MaxLoadImbalance = 3.5 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.MaxLoadImbalance",
+            ["Health MaxLoadImbalance (1) must be above 1"],
+            H(h => h with { MaxLoadImbalance = 1 }), H(h => h with { MaxLoadImbalance = 1.2 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.CollapseShare",
+            ["Health CollapseShare (0.25) must be above the uniform share TopK / Experts = 2 / 8 = 0.25 and at most 1"],
+            H(h => h with { CollapseShare = 0.25 }), H(h => h with { CollapseShare = 0.3 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.MaxDropRate",
+            ["Health MaxDropRate (1) must be in [0, 1)"],
+            H(h => h with { MaxDropRate = 1 }), H(h => h with { MaxDropRate = 0 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.Window",
+            ["Health Window (0) must be at least 1 step"],
+            H(h => h with { Window = 0 }), H(h => h with { Window = 1 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.MinMemoryHeadroom",
+            ["Health MinMemoryHeadroom (-0.1) must be in [0, 1)"],
+            H(h => h with { MinMemoryHeadroom = -0.1 }), H(h => h with { MinMemoryHeadroom = 0.2 }));
+        yield return new(DiagnosticIds.HealthSettingInvalid, "Health.MaxAllToAllShare",
+            ["Health MaxAllToAllShare (0) must be in (0, 1]"],
+            H(h => h with { MaxAllToAllShare = 0 }), H(h => h with { MaxAllToAllShare = 1 }));
+        yield return new(DiagnosticIds.EvaluationSettingInvalid, "Training.EvalInterval",
+            ["EvalInterval (0) must be at least 1 step (null: no evaluation)"],
+            T(t => t with { EvalInterval = 0 }), T(t => t with { EvalInterval = 1 }));
+        yield return new(DiagnosticIds.EvaluationSettingInvalid, "Training.EvalIters",
+            ["EvalIters (0) must be at least 1 global batch per evaluation"],
+            T(t => t with { EvalIters = 0 }), T(t => t with { EvalIters = 1 }));
+        yield return new(DiagnosticIds.EvaluationSettingInvalid, "Training.EvalInterval",
+            ["EvalInterval (1000) evaluates the validation split, but Split \"100,0,0\" gives it no weight"],
+            Dt(d => d with { Split = "100,0,0" }), Dt(d => d with { Split = "100,1,0" }));
+        yield return new(DiagnosticIds.WarmupLongerThanRun, "Training.WarmupSteps",
+            ["WarmupSteps (200) exceeds Steps (100): the warm-up is capped at 100 steps"],
+            T(t => t with { WarmupSteps = 200 }), T(t => t with { WarmupSteps = 100 }));
     }
 }

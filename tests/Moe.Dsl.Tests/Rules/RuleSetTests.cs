@@ -38,6 +38,15 @@ public class RuleSetTests
     }
 
     [Fact]
+    public void StopOnASignalWhoseCheckIsOff_IsReported()
+    {
+        var s = RuleCases.Base with { Health = new Health { StopOn = HealthSignal.DropRate | HealthSignal.Loss, LossWindow = null } };
+        var f = Assert.Single(RuleSet.Validate(s), f => f.Rule.Id == DiagnosticIds.HealthSettingInvalid);
+        Assert.Equal("Health.StopOn", f.PrimaryPath);
+        Assert.Equal("Health StopOn includes Loss but LossWindow is null, so that check is off and can never stop the run: set LossWindow or remove Loss from StopOn", f.Message);
+    }
+
+    [Fact]
     public void ValidBase_YieldsNoFinding()
     {
         Assert.Empty(RuleSet.Validate(RuleCases.Base));

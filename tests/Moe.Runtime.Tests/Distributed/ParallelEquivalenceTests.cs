@@ -41,10 +41,9 @@ public class ParallelEquivalenceTests
         return InProcessJob.Run(layout, TimeSpan.FromSeconds(120), rank =>
         {
             using var source = new IndexedSampleSource(s, s.Model.EosTokenId);
-            using var metrics = new MetricsWriter(null);
             var trainer = new Trainer(s, rank, TextWriter.Null);
             Dictionary<string, Tensor>? gradients = null;
-            var result = trainer.Run(source, TextWriter.Null, metrics, logEvery: 1000, afterStep: step =>
+            var result = trainer.Run(source, new TrainingObservers([]), step =>
             {
                 if (step == 1) gradients = trainer.ReducedGradients();
             });

@@ -125,7 +125,7 @@ public class TrainerMathTests
             using var source = new IndexedSampleSource(s, s.Model.EosTokenId);
             using var writer = new MetricsWriter(null);
             using var trainer = new Trainer(s, CPU, TextWriter.Null);
-            return trainer.Run(source, TextWriter.Null, writer, logEvery: 1000).Steps[0];
+            return trainer.Run(source, writer).Steps[0];
         }
         var accumulated = Settings(2);
         Assert.Equal(2, accumulated.GradientAccumulationSteps);

@@ -30,7 +30,7 @@ public class TrainerTests : IDisposable
         using var source = new IndexedSampleSource(s, s.Model.EosTokenId);
         using var writer = new MetricsWriter(metrics);
         using var trainer = new Trainer(s, CPU, TextWriter.Null);
-        return trainer.Run(source, TextWriter.Null, writer, logEvery: 1000);
+        return trainer.Run(source, writer);
     }
 
     [Theory]
@@ -103,7 +103,7 @@ public class TrainerTests : IDisposable
     {
         string metrics = Path.Combine(_dir, "verb.jsonl");
         var (exit, output, _) = Moe.Tests.ConsoleCapture.Run(() =>
-            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics]));
+            MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()), ["train", "--steps", "30", "--metrics", metrics, "--run-dir", Path.Combine(_dir, "run")]));
         Assert.True(exit == 0, output);
         var losses = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("lm_loss").GetDouble()).ToArray();
         Assert.Equal(30, losses.Length);

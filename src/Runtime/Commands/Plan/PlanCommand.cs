@@ -78,6 +78,18 @@ public static class PlanCommand
             : "dropless");
         Line("dispatcher", s.Dispatcher.ToString());
 
+        var h = s.Health;
+        string Share(double? v) => v is double d ? d.ToString("P0", CultureInfo.InvariantCulture) : "off";
+        sb.Append("\nEvaluation and health\n");
+        Line("validation", s.Training.EvalInterval is int every ? $"every {every} steps and at the end, {s.Training.EvalIters} × {s.Training.GlobalBatchSize} samples" : "off");
+        Line("loss must fall over", h.LossWindow is int lw ? $"{lw} steps" : "off");
+        Line("drop rate at most", Share(h.MaxDropRate) + $" (mean of {h.Window} steps)");
+        Line("expert load at most", h.MaxLoadImbalance is double imb ? $"{RecipeOptions.Invariant(imb)} × the layer's mean" : "off");
+        Line("top-k share at most", Share(h.CollapseShare) + " (router collapse)");
+        Line("free memory at least", Share(h.MinMemoryHeadroom));
+        Line("all-to-all at most", Share(h.MaxAllToAllShare) + " of the step");
+        Line("stops on", h.StopOn == HealthSignal.None ? "nothing (warnings only)" : h.StopOn.ToString());
+
         var mem = MemoryEstimate.For(s);
         string G(double bytes) => (bytes / 1e9).ToString("0.0", CultureInfo.InvariantCulture) + " GB";
         sb.Append($"\nMemory per GPU (estimate, most loaded rank, distributed optimizer, {s.Training.Precision})\n");

@@ -16,12 +16,15 @@ public sealed class TrainCommandDefinition
         Command = new Command(Name, "Train the recipe (validated by the rule set first): on the CPU or one GPU, or with --simulate its whole topology on the CPU.");
         Options = new RecipeOptions(recipe);
         Options.AddTo(Command);
-        Metrics = new Option<string?>("--metrics") { Description = "Append one JSON line per step to this file (step, losses, lr, grad_norm, tokens_per_expert, drop_rate, tokens_per_s)." };
+        RunDir = new Option<string?>("--run-dir") { Description = "Directory this run writes into (metrics, train.log, TensorBoard, recipe.json, environment.json). Default: runs/<recipe>-<UTC time> under the working directory." };
+        Metrics = new Option<string?>("--metrics") { Description = "Write one JSON line per step to this file instead of <run-dir>/metrics.jsonl (step, losses, lr, grad_norm, tokens per expert, drop_rate, tokens_per_s, val_loss, warnings)." };
+        AppendMetrics = new Option<bool>("--append-metrics") { Description = "Add this run's lines to a metrics file that already holds another run's (refused otherwise)." };
+        TensorBoard = new Option<string?>("--tensorboard") { Description = "Directory for TensorBoard event files. Default: Health.TensorBoardDir (\"tensorboard\" inside the run directory). Megatron: --tensorboard-dir." };
         Device = new Option<string>("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
         Device.AcceptOnlyFromAmong("cpu", "cuda");
-        LogEvery = new Option<int>("--log-every") { Description = "When stderr is not a terminal, print a progress line every this many steps.", DefaultValueFactory = _ => 10 };
+        LogEvery = new Option<int>("--log-every") { Description = "Print a progress line every this many steps to train.log, and to the console when stderr is not a terminal (a terminal gets a progress bar).", DefaultValueFactory = _ => 10 };
         Simulate = new Option<bool>("--simulate") { Description = "Run the recipe's exact topology on the CPU, one thread per rank (in-process collectives); a model too large for that is shrunk within its family, and the run says so." };
-        foreach (var o in new Option[] { Metrics, Device, LogEvery, Simulate }) Command.Options.Add(o);
+        foreach (var o in new Option[] { RunDir, Metrics, AppendMetrics, TensorBoard, Device, LogEvery, Simulate }) Command.Options.Add(o);
     }
 
     public RecipeSettings Recipe { get; }
@@ -35,7 +38,10 @@ public sealed class TrainCommandDefinition
 
     public Command Command { get; }
     public RecipeOptions Options { get; }
+    public Option<string?> RunDir { get; }
     public Option<string?> Metrics { get; }
+    public Option<bool> AppendMetrics { get; }
+    public Option<string?> TensorBoard { get; }
     public Option<string> Device { get; }
     public Option<int> LogEvery { get; }
     public Option<bool> Simulate { get; }

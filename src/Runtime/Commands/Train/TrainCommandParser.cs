@@ -10,8 +10,9 @@ public static class TrainCommandParser
     public static Command Create(RecipeSettings recipe, IRankLayout? wiring = null)
     {
         var d = new TrainCommandDefinition(recipe, wiring);
-        d.Command.SetAction(parse => TrainCommand.Execute(new TrainCommand.Request(
-            d.Options.Apply(recipe, parse), parse.GetValue(d.Device)!, parse.GetValue(d.Metrics), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate), d.Wiring), Console.Out));
+        d.Command.SetAction(parse => TrainCommand.Execute(d.Options.Apply(recipe, parse), new TrainCommand.Request(
+            parse.GetValue(d.Device)!, parse.GetValue(d.RunDir), parse.GetValue(d.Metrics), parse.GetValue(d.AppendMetrics),
+            parse.GetValue(d.TensorBoard), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate), d.Wiring), Console.Out));
         return d.Command;
     }
 }

@@ -111,6 +111,8 @@ internal sealed class InProcessCommunicator : Communicator
 
     public override Device DeviceForScalars => CPU;
 
+    public override bool MeasuresTime => false;
+
     public override Communicator? Split(string name, int color, int[] members)
     {
         int key = color < 0 ? -1 : Array.IndexOf(members, GlobalRank);

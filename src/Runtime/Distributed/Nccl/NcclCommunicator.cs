@@ -105,15 +105,44 @@ public sealed unsafe class NcclCommunicator : Communicator
         one.cpu().Dispose();
     }
 
-    /// <summary>Queues one NCCL call (or group) between the two stream waits and hands it to the watchdog.</summary>
+    private readonly List<(IntPtr Start, IntPtr End)> _timed = new();
+
+    /// <summary>Queues one NCCL call (or group) between the two stream waits and hands it to the watchdog; timed on the stream.</summary>
     private void Issue(string op, long sequence, Tensor tensor, Func<IntPtr, NcclResult> call)
     {
         var record = Recent.LastOrDefault(r => r.Sequence == sequence) ?? new CollectiveRecord(sequence, op, $"{tensor.dtype}[{string.Join(", ", tensor.shape)}]", DateTime.UtcNow);
         _session.BeforeOperation();
+        CudaDriver.Check(CudaDriver.cuEventCreate(out var start, 0), "cuEventCreate");
+        CudaDriver.Check(CudaDriver.cuEventCreate(out var end, 0), "cuEventCreate");
+        CudaDriver.Check(CudaDriver.cuEventRecord(start, _session.Stream), "cuEventRecord");
         var watch = Stopwatch.StartNew();
         Native.Check(call(_session.Stream), $"nccl {op} on {Describe()}", _comm);
         _session.WaitReady(_comm, $"nccl {op} on {Describe()}", watch);
+        CudaDriver.Check(CudaDriver.cuEventRecord(end, _session.Stream), "cuEventRecord");
+        lock (_timed) _timed.Add((start, end));
         _session.AfterOperation(this, record);
+    }
+
+    /// <summary>Seconds the group's operations took on the NCCL stream since the last call (waits for them to finish).</summary>
+    public override double TakeSeconds()
+    {
+        (IntPtr Start, IntPtr End)[] timed;
+        lock (_timed)
+        {
+            timed = _timed.ToArray();
+            _timed.Clear();
+        }
+        double seconds = 0;
+        foreach (var (start, end) in timed)
+        {
+            CudaDriver.Check(CudaDriver.cuEventSynchronize(end), "cuEventSynchronize");
+            CudaDriver.Check(CudaDriver.cuEventElapsedTime(out float ms, start, end), "cuEventElapsedTime");
+            seconds += ms / 1000.0;
+            CudaDriver.cuEventDestroy_v2(start);
+            CudaDriver.cuEventDestroy_v2(end);
+        }
+        base.TakeSeconds();
+        return seconds;
     }
 
     /// <summary>"global rank 3: all_to_all #12 (BFloat16[4096, 4096]) in group ep [2, 3] waited 600.0 s".</summary>

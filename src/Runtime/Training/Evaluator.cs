@@ -1,0 +1,72 @@
+using Moe.Dsl;
+using Moe.Runtime.Data;
+using Moe.Runtime.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Training;
+
+/// <summary>
+/// Validation loss, as Megatron's <c>evaluate</c> computes it: <c>EvalIters</c> global batches of validation
+/// samples in micro-batches of <c>MicroBatchSize</c>, the model in eval mode, no gradients, and the LM loss
+/// averaged over every counted token (a token-weighted mean, not a mean of micro-batch means). Unlike
+/// Megatron, whose validation iterator walks on through the split, every evaluation uses the same first
+/// samples of the validation split, so successive values compare like with like. With data parallelism each
+/// rank evaluates every DP-th micro-batch and the sums are reduced; every rank runs its forwards, since they
+/// hold collectives.
+/// </summary>
+public sealed class Evaluator(MixtralModel model, ISampleSource validation, RecipeSettings settings, RankContext rank)
+{
+    /// <summary>Samples one evaluation draws: EvalIters × GlobalBatchSize.</summary>
+    public static int SampleCount(RecipeSettings s) => checked(s.Training.EvalIters * s.Training.GlobalBatchSize);
+
+    /// <summary>The validation loss of the model as it is now; leaves the model in training mode.</summary>
+    public double Loss()
+    {
+        int b = settings.Training.MicroBatchSize, seq = settings.Data.SequenceLength;
+        int samples = SampleCount(settings);
+        var device = rank.Device;
+        var dp = rank.Groups.Dp;
+        double weighted = 0, tokens = 0;
+        model.eval();
+        try
+        {
+            using var noGrad = torch.no_grad();
+            for (int first = dp.Rank * b; first < samples; first += b * dp.Size)
+            {
+                using var scope = torch.NewDisposeScope();
+                int n = Math.Min(b, samples - first);
+                var batch = Enumerable.Range(first, n).Select(i => validation.Sample(i)).ToArray();
+                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(n, seq);
+                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(n, seq);
+                var o = model.Forward(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
+                    settings.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
+                double counted = lossMask.gt(0).sum().item<long>();
+                if (counted == 0) continue;   // every position masked: cross-entropy's mean is NaN and weighs nothing
+                weighted += o.LmLoss!.item<float>() * counted;
+                tokens += counted;
+            }
+        }
+        finally
+        {
+            model.train();
+        }
+        if (dp.Size > 1)
+        {
+            using var sums = torch.tensor(new[] { weighted, tokens }, device: dp.DeviceForScalars);
+            dp.AllReduce(sums);
+            var v = sums.cpu().data<double>().ToArray();
+            (weighted, tokens) = (v[0], v[1]);
+        }
+        if (tokens == 0)
+            throw new UserError($"The {samples} validation samples have no token the loss counts (every position is masked); check Data.EodMaskLoss and the SFT loss masks, or set Training.EvalInterval = null.");
+        return weighted / tokens;
+    }
+}
+
+/// <summary>Evaluates every <c>EvalInterval</c> steps and after the last step, and puts the loss in that step's metrics.</summary>
+public sealed class EvaluationObserver(Evaluator evaluator, int interval, int totalSteps) : ITrainingObserver
+{
+    public StepMetrics StepEnded(StepMetrics m) =>
+        m.Step % interval == 0 || m.Step == totalSteps ? m with { ValLoss = evaluator.Loss() } : m;
+}
