@@ -113,16 +113,25 @@ public sealed class Trainer : IDisposable
         _model.train();
 
         // 4. Gradient buffers and the optimizer over them.
-        var groups = rank.Groups;
-        var inBackwardOrder = _model.ParametersInForwardOrder().Reverse().ToList();
-        long bucket = BucketElements(groups.DpCp.Size);
-        double scale = 1.0 / groups.DpCp.Size;   // Megatron's gradient_scaling_factor, dense and expert alike
+        Parameters = _model.ParametersInForwardOrder().ToList();
+        _buffers.AddRange(BuffersFor(Parameters, rank.Groups));
+        _optimizer = new DistributedOptimizer(_buffers, rank.Groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
+    }
+
+    /// <summary>
+    /// The gradient buffers of a rank's parameters (given in forward order): the dense ones reduced over data ×
+    /// context parallel, the experts' over expert data parallel, each in backward order, both pre-scaled by 1/DP
+    /// as Megatron's gradient_scaling_factor is.
+    /// </summary>
+    public static List<GradientBuffer> BuffersFor(IReadOnlyList<ModelParameter> parameters, ProcessGroups groups)
+    {
+        var inBackwardOrder = parameters.Reverse().ToList();
+        double scale = 1.0 / groups.DpCp.Size;
         var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
-        Parameters = inBackwardOrder.AsEnumerable().Reverse().ToList();
-        _buffers.Add(new GradientBuffer("dense", dense, groups.DpCp, bucket, scale));
-        if (expert.Count > 0) _buffers.Add(new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale));
-        _optimizer = new DistributedOptimizer(_buffers, groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
+        var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale) };
+        if (expert.Count > 0) buffers.Add(new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale));
+        return buffers;
     }
 
     public MixtralModel Model => _model;

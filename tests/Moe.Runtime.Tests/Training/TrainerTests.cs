@@ -142,4 +142,18 @@ public class BenchTests
             Assert.True(doc.RootElement.TryGetProperty(key, out _), key);
         Assert.True(doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble() > 0);
     }
+
+    [Fact]
+    public void BenchOnCpu_TwoRanksWithExpertParallel_ReportsPerRankThroughput()
+    {
+        // Two in-process ranks, EP 2, two micro-batches: the same protocol and the gradient reduction on every rank.
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 32, 1, 2, "cpu", Gpus: 2, Expert: 2, MicroBatches: 2), output));
+        using var doc = JsonDocument.Parse(output.ToString());
+        Assert.Equal(2, doc.RootElement.GetProperty("gpus").GetInt32());
+        Assert.Equal(2, doc.RootElement.GetProperty("ep").GetInt32());
+        Assert.Equal(2, doc.RootElement.GetProperty("micro_batches").GetInt32());
+        double step = doc.RootElement.GetProperty("step_s").GetDouble(), perGpu = doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble();
+        Assert.Equal(2 * 32 / step, perGpu, 6);   // tokens of one rank's micro-batches over the (slowest rank's) step
+    }
 }

@@ -1,46 +1,109 @@
 using System.Diagnostics;
 using System.Text.Json;
+using Moe.Dsl.Layout;
 using Moe.Runtime.Devices;
+using Moe.Runtime.Distributed;
+using Moe.Runtime.Distributed.InProcess;
+using Moe.Runtime.Distributed.Launch;
 using Moe.Runtime.MixtureOfExperts;
 using Moe.Runtime.Modeling;
+using Moe.Runtime.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Moe.Runtime.Commands.Bench;
 
 /// <summary>
-/// The throughput protocol of shared/bench/hf_mixtral_baseline.py, on our model: forward + backward
-/// (no optimizer step), one micro-batch of random ids, loss = lm_loss + 0.02 · aux_loss as transformers
-/// computes it with output_router_logits, 3 warm-ups then the median of --iters steps, synchronised.
-/// Model FLOPs count active parameters, causal attention at half cost and the LM head, ×3 for
-/// forward + backward; MFU is against 790 TFLOP/s (bf16 matmul measured on an H200).
+/// The throughput protocol of shared/bench/hf_mixtral_baseline.py, on our model and on every rank of a layout:
+/// forward + backward (no optimizer step) of --micro-batches micro-batches of random ids per step, loss =
+/// lm_loss + 0.02 · aux_loss as transformers computes it with output_router_logits, gradients accumulated in the
+/// trainer's buffers (fp32 main gradients) and reduced over data parallel as training reduces them, 3 warm-ups
+/// then the median of --iters steps, synchronised. Model FLOPs count active parameters, causal attention at half
+/// cost and the LM head, ×3 for forward + backward; MFU is against 790 TFLOP/s (bf16 matmul measured on an H200).
+/// With --gpus N on CUDA the ranks are processes (Moe's launcher, or torchrun/srun); on the CPU they are threads.
 /// </summary>
 public static class BenchCommand
 {
-    public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device);
+    /// <param name="Model">8x7b, 8x22b or tiny.</param>
+    /// <param name="Layers">Decoder layers.</param>
+    /// <param name="Seq">Sequence length.</param>
+    /// <param name="MicroBatch">Sequences per micro-batch.</param>
+    /// <param name="Iters">Timed steps.</param>
+    /// <param name="Device">cuda (bf16) or cpu (fp32).</param>
+    /// <param name="Gpus">Ranks.</param>
+    /// <param name="Expert">Expert-parallel size.</param>
+    /// <param name="MicroBatches">Micro-batches per step (gradients accumulated, then reduced).</param>
+    /// <param name="Dispatcher">alltoall or allgather.</param>
+    public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall");
 
     public const double PeakTflops = 790;
 
     public static int Execute(Request r, TextWriter output, TextWriter? diagnostics = null)
     {
-        if (r.Layers < 1 || r.Seq < 2 || r.MicroBatch < 1 || r.Iters < 1)
-            throw new UserError("--layers, --micro-batch-size and --iters must be at least 1 and --seq at least 2.");
-        var device = ComputeDevice.Resolve(r.Device);
-        var preset = r.Model switch
+        if (r.Layers < 1 || r.Seq < 2 || r.MicroBatch < 1 || r.Iters < 1 || r.MicroBatches < 1)
+            throw new UserError("--layers, --micro-batch-size, --micro-batches and --iters must be at least 1 and --seq at least 2.");
+        if (r.Gpus < 1 || r.Expert < 1 || r.Gpus % r.Expert != 0)
+            throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --ep {r.Expert}.");
+        var preset = Preset(r.Model);
+        if (preset.Experts % r.Expert != 0)
+            throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
+        var layout = new RankLayout(r.Gpus, 1, 1, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
+        var timeout = TimeSpan.FromMinutes(10);
+        if (r.Gpus == 1)
         {
-            "8x7b" => Dsl.Model.Mixtral8x7B,
-            "8x22b" => Dsl.Model.Mixtral8x22B,
-            _ => Dsl.Model.TinyMixtral,
-        };
+            var device = ComputeDevice.Resolve(r.Device);
+            using var groups = ProcessGroups.Create(new InProcessWorld(1, timeout).Communicator(0), layout);
+            return Report(r, RunRank(r, new RankContext(groups, device), diagnostics), output);
+        }
+        if (r.Device == "cpu")
+        {
+            var results = InProcessJob.Run(layout, timeout, rank => RunRank(r, rank, null));
+            return Report(r, results[0], output);
+        }
+        var launch = LaunchEnvironment.Detect();
+        if (launch is null)
+        {
+            ComputeDevice.Resolve("cuda");
+            if (torch.cuda.device_count() < r.Gpus)
+                throw new UserError($"--gpus {r.Gpus}: this node has {torch.cuda.device_count()} GPUs.");
+            string logs = Path.Combine(Path.GetTempPath(), $"moe-bench-{Environment.ProcessId}");
+            var result = NodeLauncher.Run(r.Gpus, logs, [], output, passRunDirectory: false);
+            if (result.ExitCode != 0) throw new UserError(result.Message);
+            return 0;
+        }
+        RankBootstrap.SelectDevice(launch);
+        var dev = ComputeDevice.Resolve("cuda");
+        using var job = RankBootstrap.Join(launch, layout, dev, timeout, launch.Rank == 0 ? Console.Error : TextWriter.Null);
+        var mine = RunRank(r, new RankContext(job.Groups, dev), launch.Rank == 0 ? diagnostics : null);
+        return launch.Rank == 0 ? Report(r, mine, output) : 0;
+    }
+
+    /// <summary>What one rank measured: the median step and the device memory in use (the largest over the ranks).</summary>
+    private sealed record RankResult(double StepSeconds, double? MemoryGiB, MixtralConfig Config);
+
+    private static Dsl.Model Preset(string model) => model switch
+    {
+        "8x7b" => Dsl.Model.Mixtral8x7B,
+        "8x22b" => Dsl.Model.Mixtral8x22B,
+        _ => Dsl.Model.TinyMixtral,
+    };
+
+    private static RankResult RunRank(Request r, RankContext rank, TextWriter? diagnostics)
+    {
+        var device = rank.Device;
+        var preset = Preset(r.Model);
         var config = MixtralConfig.From(preset) with { Layers = r.Layers, MaxPositionEmbeddings = Math.Max(r.Seq, preset.MaxPositionEmbeddings), RouterAuxLossCoef = 0.02 };
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
-        torch.manual_seed(0);
-        using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device);
+        var dispatcher = r.Dispatcher == "allgather" ? Dsl.TokenDispatcher.AllGather : Dsl.TokenDispatcher.AllToAll;
+        var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher);
+        using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
-        using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, device: device);
+        var buffers = Trainer.BuffersFor(model.ParametersInForwardOrder().ToList(), rank.Groups);
+        var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
+        using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
         var (labels, mask) = MixtralModel.ShiftedLabels(ids);
-        var parameters = model.parameters().ToArray();
 
         // Where the host spends a step: until the forward is queued, until backward() returns, and waiting for the GPU.
         var forwardMs = new List<double>();
@@ -51,13 +114,18 @@ public static class BenchCommand
         {
             var watch = Stopwatch.StartNew();
             HostTrace.Start();
-            using var _ = torch.NewDisposeScope();
-            var o = model.Forward(ids, labels, mask, returnLogits: false);
-            forwardMs.Add(watch.Elapsed.TotalMilliseconds);
-            (o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss).backward();
+            foreach (var b in buffers) b.BindGradients();
+            for (int m = 0; m < r.MicroBatches; m++)
+            {
+                using var _ = torch.NewDisposeScope();
+                var o = model.Forward(ids, labels, mask, returnLogits: false);
+                if (m == 0) forwardMs.Add(watch.Elapsed.TotalMilliseconds);
+                ((o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
+                ManagedBackward.Complete();
+                foreach (var b in buffers) b.AccumulateMicroBatch();
+            }
             HostTrace.Mark("backward returned");
-            ManagedBackward.Complete();
-            foreach (var p in parameters) p.grad = null;
+            foreach (var b in buffers) b.Reduce(sharded: true);
             backwardMs.Add(watch.Elapsed.TotalMilliseconds);
         }
 
@@ -68,6 +136,7 @@ public static class BenchCommand
 
         for (int i = 0; i < 3; i++) Step();
         Sync();
+        rank.Groups.World.Barrier();
         forwardMs.Clear();
         backwardMs.Clear();
         int collections = GC.CollectionCount(0);
@@ -92,28 +161,42 @@ public static class BenchCommand
         diagnostics?.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
         {
             ["host_forward_ms"] = Median(forwardMs),
-            ["host_backward_returned_ms"] = Median(backwardMs),
+            ["host_step_queued_ms"] = Median(backwardMs),
             ["host_wait_for_gpu_ms"] = Median(waitMs),
             ["gen0_collections"] = GC.CollectionCount(0) - collections,
         }));
-        double stepSeconds = Median(times);
-        double tokensPerSecond = r.MicroBatch * (double)r.Seq / stepSeconds;
-        double flops = ModelFlopsPerToken(config, r.Seq) * tokensPerSecond;
-        var result = new Dictionary<string, object?>
+        foreach (var b in buffers) b.Dispose();
+        // The step time and memory every rank agrees on: the slowest rank's median, the largest memory.
+        double? memory = device.type == DeviceType.CUDA ? CudaMemory.InUseGiB() : null;
+        using var mine = torch.tensor(new double[] { Median(times), memory ?? -1 }, device: rank.Groups.World.DeviceForScalars);
+        rank.Groups.World.AllReduce(mine, Distributed.ReduceOp.Max);
+        var v = mine.cpu().data<double>().ToArray();
+        return new RankResult(v[0], v[1] < 0 ? null : v[1], config);
+    }
+
+    private static int Report(Request r, RankResult result, TextWriter output)
+    {
+        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / result.StepSeconds;
+        double flops = ModelFlopsPerToken(result.Config, r.Seq) * tokensPerSecond;
+        var json = new Dictionary<string, object?>
         {
             ["system"] = "moe",
             ["model"] = r.Model,
             ["layers"] = r.Layers,
             ["seq"] = r.Seq,
-            ["gpus"] = 1,
-            ["step_s"] = stepSeconds,
+            ["gpus"] = r.Gpus,
+            ["ep"] = r.Expert,
+            ["dp"] = r.Gpus,
+            ["micro_batches"] = r.MicroBatches,
+            ["dispatcher"] = r.Dispatcher,
+            ["step_s"] = result.StepSeconds,
             ["tokens_per_s_per_gpu"] = tokensPerSecond,
             ["tflops_per_gpu"] = flops / 1e12,
             ["mfu"] = flops / (PeakTflops * 1e12),
-            // Device memory in use after the steps (peak reserved + context); transformers reports max_memory_allocated.
-            ["max_mem_gb"] = device.type == DeviceType.CUDA ? CudaMemory.InUseGiB() : null,
+            // Device memory in use after the steps (peak reserved + context), the largest over the ranks.
+            ["max_mem_gb"] = result.MemoryGiB,
         };
-        output.WriteLine(JsonSerializer.Serialize(result));
+        output.WriteLine(JsonSerializer.Serialize(json));
         return 0;
     }
 
@@ -121,7 +204,7 @@ public static class BenchCommand
     private static double Median(IEnumerable<double> values)
     {
         var sorted = values.Order().ToArray();
-        return sorted[sorted.Length / 2];
+        return sorted.Length == 0 ? 0 : sorted[sorted.Length / 2];
     }
 
     /// <summary>hf_mixtral_baseline.py's count: 3 × (L · (qkvo + attention + top-k experts + router) + LM head).</summary>

@@ -9,8 +9,9 @@ public sealed class BenchCommandDefinition
 
     public BenchCommandDefinition()
     {
-        Command = new Command(Name, "Time forward + backward of a Mixtral-shaped model truncated to --layers layers, one micro-batch of random ids, " +
-            "bf16 on CUDA (median of --iters steps after 3 warm-ups), and print one JSON line with the fields of shared/bench/hf_mixtral_baseline.py.");
+        Command = new Command(Name, "Time forward + backward of a Mixtral-shaped model truncated to --layers layers on random ids, " +
+            "bf16 on CUDA (median of --iters steps after 3 warm-ups), gradients reduced as training reduces them, and print one JSON line with the fields of " +
+            "shared/bench/hf_mixtral_baseline.py and per-GPU tokens/s. --gpus N starts one process per GPU (threads on the CPU).");
         Model = new Option<string>("--model") { Description = "8x7b, 8x22b, or tiny (a CPU smoke test).", DefaultValueFactory = _ => "8x7b" };
         Model.AcceptOnlyFromAmong("8x7b", "8x22b", "tiny");
         Layers = new Option<int>("--layers") { Description = "Decoder layers.", DefaultValueFactory = _ => 2 };
@@ -19,7 +20,12 @@ public sealed class BenchCommandDefinition
         Iters = new Option<int>("--iters") { Description = "Timed steps (the median is reported).", DefaultValueFactory = _ => 10 };
         Device = new Option<string>("--device") { Description = "cuda (bf16) or cpu (fp32).", DefaultValueFactory = _ => "cuda" };
         Device.AcceptOnlyFromAmong("cpu", "cuda");
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device }) Command.Options.Add(o);
+        Gpus = new Option<int>("--gpus") { Description = "Ranks (GPUs; threads with --device cpu).", DefaultValueFactory = _ => 1 };
+        Expert = new Option<int>("--ep") { Description = "Expert-parallel size (divides --gpus and the experts).", DefaultValueFactory = _ => 1 };
+        MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
+        Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
+        Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -29,4 +35,8 @@ public sealed class BenchCommandDefinition
     public Option<int> MicroBatch { get; }
     public Option<int> Iters { get; }
     public Option<string> Device { get; }
+    public Option<int> Gpus { get; }
+    public Option<int> Expert { get; }
+    public Option<int> MicroBatches { get; }
+    public Option<string> Dispatcher { get; }
 }

@@ -16,13 +16,14 @@ public static class NodeLauncher
 {
     /// <summary>Starts <paramref name="ranks"/> processes and waits for them; returns the job's exit code.</summary>
     /// <param name="ranks">Processes (GPUs) to start.</param>
-    /// <param name="runDirectory">Where the per-rank logs go; also passed to every rank (--run-dir) so they agree on it.</param>
+    /// <param name="runDirectory">Where the per-rank logs go.</param>
     /// <param name="extraEnvironment">The recipe's NCCL settings and anything else the ranks need.</param>
     /// <param name="console">Where rank 0's output and the launcher's lines go.</param>
-    public static SupervisedResult Run(int ranks, string runDirectory, IReadOnlyList<KeyValuePair<string, string>> extraEnvironment, TextWriter console)
+    /// <param name="passRunDirectory">Also pass the directory to every rank as --run-dir, so they agree on it (train).</param>
+    public static SupervisedResult Run(int ranks, string runDirectory, IReadOnlyList<KeyValuePair<string, string>> extraEnvironment, TextWriter console, bool passRunDirectory = true)
     {
         var (program, arguments) = ThisProgram();
-        arguments = WithRunDirectory(arguments, runDirectory);
+        if (passRunDirectory) arguments = WithRunDirectory(arguments, runDirectory);
         int port = FreePort();
         var secret = RendezvousSecret.Generate();
         var processes = Enumerable.Range(0, ranks).Select(rank =>
