@@ -79,6 +79,10 @@ public static class DiagnosticIds
     /// <summary>A checkpoint interval is not positive, or is given without a save directory.</summary>
     public const string CheckpointIntervalInvalid = "MOE0210";
 
+    // Memory: MOE0300-MOE0399
+    /// <summary>The per-GPU memory estimate exceeds the recipe's GPU (Moe's own; Megatron runs out of memory instead).</summary>
+    public const string PlanDoesNotFitGpu = "MOE0301";
+
     // Start-up: MOE0900-MOE0999
     /// <summary>The recipe's Gpus differs from the launcher's world size.</summary>
     public const string WorldSizeMismatch = "MOE0901";
