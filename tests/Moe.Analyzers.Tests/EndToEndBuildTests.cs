@@ -4,6 +4,7 @@ using Xunit;
 namespace Moe.Analyzers.Tests;
 
 /// <summary>`dotnet build` of a copy of recipes/Mixtral8x22b: an invalid layout fails the build with the rule's ID.</summary>
+[Collection("dotnet builds")]
 public class EndToEndBuildTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("moe-e2e-").FullName;
@@ -80,6 +81,7 @@ public class EndToEndBuildTests : IDisposable
 /// exactly the fixes of the Analyzer items a recipe project loads. Three invalid copies of the shipped 8x22B recipe
 /// (issue 16): EP not dividing the experts, GPUs not divisible, sequence parallel off with TP 2.
 /// </summary>
+[Collection("dotnet builds")]
 public class DotnetFormatTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("moe-format-").FullName;
@@ -122,38 +124,5 @@ public class DotnetFormatTests : IDisposable
         (exit, output) = EndToEndBuildTests.Dotnet("build copies.slnx -nologo -v q", _dir);
         Assert.True(exit == 0, output);
         Assert.DoesNotContain("MOE0", output);
-    }
-}
-
-public class PackageTests
-{
-    [Fact]
-    public void MoeDslPackage_CarriesTheAnalyzersGeneratorsAndTheirMoeDsl()
-    {
-        string output = Directory.CreateTempSubdirectory("moe-pack-").FullName;
-        try
-        {
-            var psi = new ProcessStartInfo("dotnet", $"pack src/Dsl -nologo -v q -o \"{output}\"")
-            {
-                WorkingDirectory = Moe.Tests.TestPaths.RepoRoot,
-                RedirectStandardOutput = true,
-                RedirectStandardError = true,
-            };
-            using (var p = Process.Start(psi)!)
-            {
-                string log = p.StandardOutput.ReadToEnd() + p.StandardError.ReadToEnd();
-                Assert.True(p.WaitForExit(300_000) && p.ExitCode == 0, log);
-            }
-            string package = Assert.Single(Directory.GetFiles(output, "Moe.Dsl.*.nupkg"));
-            using var zip = System.IO.Compression.ZipFile.OpenRead(package);
-            var entries = zip.Entries.Select(e => e.FullName).ToHashSet();
-            Assert.Contains("lib/netstandard2.0/Moe.Dsl.dll", entries);
-            foreach (var dll in new[] { "Moe.Analyzers.dll", "Moe.Analyzers.CodeFixes.dll", "Moe.Generators.dll", "Moe.Dsl.dll" })
-                Assert.Contains("analyzers/dotnet/cs/" + dll, entries);
-        }
-        finally
-        {
-            Directory.Delete(output, recursive: true);
-        }
     }
 }
