@@ -39,7 +39,7 @@ public class EndToEndBuildTests : IDisposable
 
     private static (int Exit, string Output) Build(string dir) => Dotnet("build -nologo -v q", dir);
 
-    /// <summary>Runs the dotnet CLI in <paramref name="dir"/> with a five-minute deadline.</summary>
+    /// <summary>Runs the dotnet CLI in <paramref name="dir"/> with a ten-minute deadline.</summary>
     internal static (int Exit, string Output) Dotnet(string arguments, string dir)
     {
         var psi = new ProcessStartInfo("dotnet", arguments)
@@ -51,10 +51,10 @@ public class EndToEndBuildTests : IDisposable
         using var p = Process.Start(psi)!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
-        if (!p.WaitForExit(300_000))
+        if (!p.WaitForExit(600_000))
         {
             p.Kill(entireProcessTree: true);
-            throw new TimeoutException($"dotnet {arguments} took more than 5 minutes");
+            throw new TimeoutException($"dotnet {arguments} took more than 10 minutes");
         }
         return (p.ExitCode, stdout.Result + stderr.Result);
     }
