@@ -82,6 +82,13 @@ public sealed class DataAndTrainingAnalyzer : RecipeAnalyzer
     public DataAndTrainingAnalyzer() : base(RuleCategory.DataAndTraining) { }
 }
 
+/// <summary>The plan against the GPU's memory: MOE0300–MOE0399.</summary>
+[DiagnosticAnalyzer(LanguageNames.CSharp)]
+public sealed class MemoryAnalyzer : RecipeAnalyzer
+{
+    public MemoryAnalyzer() : base(RuleCategory.Memory) { }
+}
+
 /// <summary>MOE0902: a setting that is not a compile-time constant, reported once, with the rules that wait for start-up.</summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
 public sealed class CheckedAtStartUpAnalyzer : RecipeAnalyzer

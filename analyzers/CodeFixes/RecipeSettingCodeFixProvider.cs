@@ -42,7 +42,7 @@ public sealed class RecipeSettingCodeFixProvider : CodeFixProvider
             if (initializer is null) continue;
             string member = path.Substring(path.LastIndexOf('.') + 1);
             context.RegisterCodeFix(
-                CodeAction.Create(title ?? $"Fix {member}", ct => Apply(context.Document, initializer, member, value, ct), equivalenceKey: diagnostic.Id + ":" + title),
+                CodeAction.Create(title ?? $"Fix {member}", ct => Apply(context.Document, initializer, member, value, ct), equivalenceKey: diagnostic.Id),
                 diagnostic);
         }
     }

@@ -104,7 +104,7 @@ public class AnalyzerTests
             }
             """,
             Verify.Diagnostic("MOE0902", DiagnosticSeverity.Info).WithLocation(0)
-                .WithMessage("Parallelism.Expert is not a compile-time constant (it calls FromEnvironment()); its rules (MOE0001, MOE0002, MOE0003, MOE0004, MOE0005) are checked at start-up"));
+                .WithMessage("Parallelism.Expert is not a compile-time constant (it calls FromEnvironment()); its rules (MOE0001, MOE0002, MOE0003, MOE0004, MOE0005, MOE0301) are checked at start-up"));
         await Verify.Analyzer<TopologyAnalyzer>("""
             [Recipe]
             public sealed partial class R : Recipe
@@ -137,7 +137,7 @@ public class AnalyzerTests
     [Fact]
     public void EveryDescriptor_LinksToAnExistingDiagnosticsPage()
     {
-        var analyzers = new Microsoft.CodeAnalysis.Diagnostics.DiagnosticAnalyzer[] { new TopologyAnalyzer(), new RouterAndCapacityAnalyzer(), new DataAndTrainingAnalyzer(), new CheckedAtStartUpAnalyzer() };
+        var analyzers = new Microsoft.CodeAnalysis.Diagnostics.DiagnosticAnalyzer[] { new TopologyAnalyzer(), new RouterAndCapacityAnalyzer(), new DataAndTrainingAnalyzer(), new MemoryAnalyzer(), new CheckedAtStartUpAnalyzer() };
         var descriptors = analyzers.SelectMany(a => a.SupportedDiagnostics).ToArray();
         Assert.Equal(RuleSet.Descriptors.Count(d => d.Category != RuleCategory.StartUp) + 1, descriptors.Length);
         foreach (var d in descriptors)
@@ -165,6 +165,34 @@ public class SeverityTests
         await Verify.Analyzer<TopologyAnalyzer>(Recipe, "root = true\n\n[*.cs]\ndotnet_diagnostic.MOE0003.severity = warning\n",
             Verify.Diagnostic("MOE0003", DiagnosticSeverity.Warning).WithLocation(0).WithMessage("Expert (16) must divide the 8 experts of Mixtral 8x22B; valid: 1, 2, 4, 8"));
     }
+
+    // 8x22B on 8 GPUs (EP 8, TP 1, PP 1): each GPU holds all 56 layers' attention and one expert per layer,
+    // far beyond any GPU. A warning by default (the message is checked in RuleCases; that .editorconfig makes it an
+    // error in a real build is checked by the template's end-to-end test).
+    private const string TooBig = """
+        [Recipe]
+        public sealed partial class R : Recipe
+        {
+            public override Model Model => Model.Mixtral8x22B;
+            public override Parallelism Parallelism => new() { Gpus = 8, Expert = 8, {|#0:Gpu = Gpu.H100|} };
+            public override Training Training => new() { GlobalBatchSize = 8 };
+        }
+        """;
+
+    [Fact]
+    public async Task PlanThatDoesNotFit_IsAWarningByDefault()
+    {
+        await Verify.Analyzer<MemoryAnalyzer>(TooBig,
+            Verify.Diagnostic("MOE0301", DiagnosticSeverity.Warning).WithLocation(0).WithMessage(TooBigMessage));
+    }
+
+    private static string TooBigMessage => Moe.Dsl.Validation.RuleSet.Validate(new Moe.Dsl.RecipeSettings
+    {
+        Name = "R",
+        Model = Moe.Dsl.Model.Mixtral8x22B,
+        Parallelism = new Moe.Dsl.Parallelism { Gpus = 8, Expert = 8, Gpu = Moe.Dsl.Gpu.H100 },
+        Training = new Moe.Dsl.Training { GlobalBatchSize = 8 },
+    }).Single(f => f.Rule.Id == "MOE0301").Message;
 
     [Fact]
     public async Task EditorConfig_CanSilenceARule()

@@ -41,6 +41,7 @@ public class EveryRuleTests
         (RuleCategory.Topology, (s, e) => Verify.Analyzer<TopologyAnalyzer>(s, e)),
         (RuleCategory.RouterAndCapacity, (s, e) => Verify.Analyzer<RouterAndCapacityAnalyzer>(s, e)),
         (RuleCategory.DataAndTraining, (s, e) => Verify.Analyzer<DataAndTrainingAnalyzer>(s, e)),
+        (RuleCategory.Memory, (s, e) => Verify.Analyzer<MemoryAnalyzer>(s, e)),
     ];
 
     private static DiagnosticSeverity Severity(RuleSeverity s) => s switch

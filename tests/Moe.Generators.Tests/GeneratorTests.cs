@@ -60,18 +60,30 @@ public class GeneratorTests
     public void GeneratedGroups_EqualMegatronsForTheRecipesLayout()
     {
         // Mixtral8x22b: 32 GPUs, TP 2, PP 2, EP 8, ETP = TP = 2, default order — Megatron's vector for that layout.
-        var vector = JsonNode.Parse(File.ReadAllText(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks", "w32-tp2-pp2-cp1-ep8-etp2-tp-cp-ep-dp-pp.json")))!;
-        foreach (var (key, groups) in Moe.Recipes.Mixtral8x22b.Wiring.Families)
+        EqualsMegatronsVector("w32-tp2-pp2-cp1-ep8-etp2-tp-cp-ep-dp-pp.json", Moe.Recipes.Mixtral8x22b.Wiring.Families,
+            Moe.Recipes.Mixtral8x22b.Wiring.CommunicatorCreationOrder, Moe.Recipes.Mixtral8x22b.Wiring.Coordinates);
+        Assert.Equal(8, Moe.Recipes.Mixtral8x22b.Wiring.DataParallel);
+        Assert.Equal(1, Moe.Recipes.Mixtral8x22b.Wiring.ExpertDataParallel);
+        // Mixtral8x7b: 32 GPUs, TP 1, PP 4, EP 8 (Megatron's recommended Mixtral training layout), default order.
+        EqualsMegatronsVector("w32-tp1-pp4-cp1-ep8-etp1-tp-cp-ep-dp-pp.json", Moe.Recipes.Mixtral8x7b.Wiring.Families,
+            Moe.Recipes.Mixtral8x7b.Wiring.CommunicatorCreationOrder, Moe.Recipes.Mixtral8x7b.Wiring.Coordinates);
+        Assert.Equal(8, Moe.Recipes.Mixtral8x7b.Wiring.DataParallel);
+        Assert.Equal(1, Moe.Recipes.Mixtral8x7b.Wiring.ExpertDataParallel);
+    }
+
+    private static void EqualsMegatronsVector(string file, (string Key, int[][] Groups)[] families,
+        Moe.Dsl.Layout.GroupCreation[] creationOrder, Moe.Dsl.Layout.RankCoordinates[] coordinates)
+    {
+        var vector = JsonNode.Parse(File.ReadAllText(Path.Combine(Moe.Tests.TestPaths.Shared, "vectors", "megatron-ranks", file)))!;
+        foreach (var (key, groups) in families)
         {
             var expected = vector["groups"]![key]!.AsArray().Select(g => g!.AsArray().Select(r => (int)r!).ToArray()).ToArray();
             Assert.Equal(expected, groups);
         }
         var creation = vector["creation_order"]!.AsArray().Select(c => ((string)c![0]!, (string)c[1]!, (string)c[2]!, (int)c[3]!, (int)c[4]!));
-        Assert.Equal(creation, Moe.Recipes.Mixtral8x22b.Wiring.CommunicatorCreationOrder.Select(c => (c.Description, c.Backend, c.GroupsKey, c.FirstIndex, c.Count)));
+        Assert.Equal(creation, creationOrder.Select(c => (c.Description, c.Backend, c.GroupsKey, c.FirstIndex, c.Count)));
         var coords = vector["coords"]!.AsArray().Select(c => ((int)c!["tp"]!, (int)c["cp"]!, (int)c["dp"]!, (int)c["pp"]!, (int)c["dp_cp"]!, (int)c["ep"]!, (int)c["etp"]!, (int)c["edp"]!));
-        Assert.Equal(coords, Moe.Recipes.Mixtral8x22b.Wiring.Coordinates.Select(c => (c.Tp, c.Cp, c.Dp, c.Pp, c.DpCp, c.Ep, c.Etp, c.Edp)));
-        Assert.Equal(8, Moe.Recipes.Mixtral8x22b.Wiring.DataParallel);
-        Assert.Equal(1, Moe.Recipes.Mixtral8x22b.Wiring.ExpertDataParallel);
+        Assert.Equal(coords, coordinates.Select(c => (c.Tp, c.Cp, c.Dp, c.Pp, c.DpCp, c.Ep, c.Etp, c.Edp)));
     }
 
     [Fact]

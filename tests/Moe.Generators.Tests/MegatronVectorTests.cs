@@ -13,8 +13,8 @@ namespace Moe.Generators.Tests;
 /// initialize_model_parallel) written as a small recipe: the generated groups, coordinates and
 /// communicator creation order, compiled and loaded, equal the vector, in the table form and in the computed
 /// form, and <see cref="LayoutSource.For"/> keeps the wiring or replaces it as a command-line override would.
-/// There is no vector for Mixtral8x7b's exact layout (w32-tp1-pp1-cp1-ep8-etp1); w32-tp1-pp4-cp1-ep8-etp1 has
-/// its shape but for PP, and the set covers both orders, CP, ETP ≠ TP, EP folding over CP, and 128 GPUs.
+/// Both production recipes' layouts have a vector (w32-tp1-pp4-cp1-ep8-etp1 and w32-tp2-pp2-cp1-ep8-etp2), and
+/// the set covers both orders, CP, ETP ≠ TP, EP folding over CP, and 128 GPUs.
 /// </summary>
 public sealed class MegatronVectorTests
 {

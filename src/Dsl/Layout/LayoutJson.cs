@@ -12,31 +12,70 @@ public static class LayoutJson
     /// <summary>The value of the <c>source</c> field.</summary>
     public const string Source = "Moe.Dsl.Layout.RankLayout (Megatron-Core 0.20 semantics)";
 
-    /// <summary>The layout as one compact JSON object (for small layouts; stream large ones with <see cref="Write(IRankLayout, TextWriter)"/>).</summary>
-    public static string Write(IRankLayout layout)
+    /// <summary>The layout as one JSON object (for small layouts; stream large ones with <see cref="Write(IRankLayout, TextWriter, bool)"/>).</summary>
+    public static string Write(IRankLayout layout, bool indented = false)
     {
         using var writer = new StringWriter(System.Globalization.CultureInfo.InvariantCulture);
-        Write(layout, writer);
+        Write(layout, writer, indented);
         return writer.ToString();
     }
 
-    /// <summary>Writes the layout as one compact JSON object to <paramref name="writer"/>, without a trailing newline.</summary>
-    public static void Write(IRankLayout layout, TextWriter writer)
+    /// <summary>
+    /// Writes the layout as one JSON object to <paramref name="writer"/>, without a trailing newline: compact, or
+    /// indented for reading (one member, group, rank or creation step per line; a group's ranks, a rank's
+    /// coordinates and a creation step stay on one line).
+    /// </summary>
+    public static void Write(IRankLayout layout, TextWriter writer, bool indented = false)
     {
         if (layout is null) throw new ArgumentNullException(nameof(layout));
         if (writer is null) throw new ArgumentNullException(nameof(writer));
         var digits = new char[11];
+        string comma = indented ? ", " : ",", colon = indented ? ": " : ":";
         void I(int v) => WriteInt(writer, v, digits);
+        // Before an item of a block at this depth: a comma after the previous one, and in indented form a new line.
+        void Next(bool first, int depth)
+        {
+            if (!first) writer.Write(',');
+            if (indented)
+            {
+                writer.Write('\n');
+                writer.Write(new string(' ', 2 * depth));
+            }
+        }
+        void Close(char bracket, int depth)
+        {
+            if (indented)
+            {
+                writer.Write('\n');
+                writer.Write(new string(' ', 2 * depth));
+            }
+            writer.Write(bracket);
+        }
+        void Key(string name, bool first, int depth)
+        {
+            Next(first, depth);
+            writer.Write('"');
+            writer.Write(name);
+            writer.Write('"');
+            writer.Write(colon);
+        }
         void Field(string name, int value)
         {
-            writer.Write(",\"");
-            writer.Write(name);
-            writer.Write("\":");
+            Key(name, false, 1);
             I(value);
+        }
+        void Text(string name, string value)
+        {
+            Key(name, false, 1);
+            writer.Write('"');
+            writer.Write(value);
+            writer.Write('"');
         }
         string order = RankLayout.OrderName(layout.Order);
 
-        writer.Write("{\"source\":\"");
+        writer.Write('{');
+        Key("source", true, 1);
+        writer.Write('"');
         writer.Write(Source);
         writer.Write('"');
         Field("world", layout.World);
@@ -47,73 +86,79 @@ public static class LayoutJson
         Field("etp", layout.ExpertTensor);
         Field("dp", layout.DataParallel);
         Field("edp", layout.ExpertDataParallel);
-        writer.Write(",\"order\":\"");
-        writer.Write(order);
-        writer.Write("\",\"expert_order\":\"");
-        writer.Write(order);
-        writer.Write("\",\"gtp_remat\":1,\"num_distributed_optimizer_instances\":1");
-        writer.Write(",\"groups\":{");
+        Text("order", order);
+        Text("expert_order", order);
+        Field("gtp_remat", 1);
+        Field("num_distributed_optimizer_instances", 1);
+        Key("groups", false, 1);
+        writer.Write('{');
         for (int k = 0; k < RankLayout.FamilyKeys.Count; k++)
         {
             string key = RankLayout.FamilyKeys[k];
-            if (k > 0) writer.Write(',');
-            writer.Write('"');
-            writer.Write(key);
-            writer.Write("\":[");
+            Key(key, k == 0, 2);
+            writer.Write('[');
             int count = layout.GroupCount(key);
             for (int g = 0; g < count; g++)
             {
-                if (g > 0) writer.Write(',');
+                Next(g == 0, 3);
                 writer.Write('[');
                 var members = layout.Group(key, g);
                 for (int m = 0; m < members.Length; m++)
                 {
-                    if (m > 0) writer.Write(',');
+                    if (m > 0) writer.Write(comma);
                     I(members[m]);
                 }
                 writer.Write(']');
             }
-            writer.Write(']');
+            if (count > 0) Close(']', 2);
+            else writer.Write(']');
         }
-        writer.Write("},\"coords\":[");
+        Close('}', 1);
+        Key("coords", false, 1);
+        writer.Write('[');
         for (int r = 0; r < layout.World; r++)
         {
             var c = layout.Coordinates(r);
-            writer.Write(r > 0 ? ",{\"tp\":" : "{\"tp\":");
+            Next(r == 0, 2);
+            writer.Write("{\"tp\"" + colon);
             I(c.Tp);
-            writer.Write(",\"cp\":");
+            writer.Write(comma + "\"cp\"" + colon);
             I(c.Cp);
-            writer.Write(",\"dp\":");
+            writer.Write(comma + "\"dp\"" + colon);
             I(c.Dp);
-            writer.Write(",\"pp\":");
+            writer.Write(comma + "\"pp\"" + colon);
             I(c.Pp);
-            writer.Write(",\"dp_cp\":");
+            writer.Write(comma + "\"dp_cp\"" + colon);
             I(c.DpCp);
-            writer.Write(",\"ep\":");
+            writer.Write(comma + "\"ep\"" + colon);
             I(c.Ep);
-            writer.Write(",\"etp\":");
+            writer.Write(comma + "\"etp\"" + colon);
             I(c.Etp);
-            writer.Write(",\"edp\":");
+            writer.Write(comma + "\"edp\"" + colon);
             I(c.Edp);
             writer.Write('}');
         }
-        writer.Write("],\"creation_order\":[");
+        Close(']', 1);
+        Key("creation_order", false, 1);
+        writer.Write('[');
         int i = 0;
         foreach (var c in layout.CreationOrder)
         {
-            writer.Write(i++ > 0 ? ",[\"" : "[\"");
+            Next(i++ == 0, 2);
+            writer.Write("[\"");
             writer.Write(c.Description);
-            writer.Write("\",\"");
+            writer.Write("\"" + comma + "\"");
             writer.Write(c.Backend);
-            writer.Write("\",\"");
+            writer.Write("\"" + comma + "\"");
             writer.Write(c.GroupsKey);
-            writer.Write("\",");
+            writer.Write("\"" + comma);
             I(c.FirstIndex);
-            writer.Write(',');
+            writer.Write(comma);
             I(c.Count);
             writer.Write(']');
         }
-        writer.Write("]}");
+        Close(']', 1);
+        Close('}', 0);
     }
 
     /// <summary>An int in invariant decimal without allocating (a layout of 131,072 ranks writes millions).</summary>

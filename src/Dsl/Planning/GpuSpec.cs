@@ -25,6 +25,20 @@ public sealed record GpuSpec(string Name, double MemoryGB)
     /// <summary>Every GPU the planner knows.</summary>
     public static IReadOnlyList<GpuSpec> All { get; } = new[] { H100, H200, A100, A100_40, B200 };
 
+    /// <summary>The spec of a recipe's <see cref="Moe.Dsl.Gpu"/>.</summary>
+    public static GpuSpec Of(Gpu gpu) => gpu switch
+    {
+        Gpu.H100 => H100,
+        Gpu.H200 => H200,
+        Gpu.A100 => A100,
+        Gpu.A100_40 => A100_40,
+        Gpu.B200 => B200,
+        _ => throw new ArgumentOutOfRangeException(nameof(gpu), gpu, "not a GPU the planner knows"),
+    };
+
+    /// <summary>The <see cref="Moe.Dsl.Gpu"/> member of this spec ("A100-40" is <see cref="Gpu.A100_40"/>).</summary>
+    public Gpu Member => (Gpu)Enum.Parse(typeof(Gpu), Name.Replace('-', '_'));
+
     /// <summary>Finds a GPU by name, ignoring case ("h200").</summary>
     public static GpuSpec? Find(string name) => All.FirstOrDefault(g => string.Equals(g.Name, name, StringComparison.OrdinalIgnoreCase));
 }

@@ -45,6 +45,20 @@ public sealed record MemoryEstimate
 
     private const double OverheadGB = 4.0;
 
+    /// <summary>
+    /// Whether the layout is whole enough to estimate: positive sizes, whole data-parallel and expert
+    /// data-parallel sizes, whole experts per rank, a pipeline split, whole gradient accumulation.
+    /// (When it is not, the topology and data rules say why.)
+    /// </summary>
+    public static bool CanEstimate(RecipeSettings s)
+    {
+        var p = s.Parallelism;
+        return p.Gpus >= 1 && p.Tensor >= 1 && p.Pipeline >= 1 && p.Context >= 1 && p.Expert >= 1 && p.EffectiveExpertTensor >= 1
+            && p.DataParallel > 0 && p.ExpertDataParallel > 0 && s.Model.Experts % p.Expert == 0
+            && s.Model.Layers >= 1 && Validation.RuleSet.StageLayerCounts(p, s.Model.Layers) is not null
+            && s.Training.MicroBatchSize >= 1 && s.GradientAccumulationSteps > 0 && s.Data.SequenceLength >= 1;
+    }
+
     /// <summary>Estimates the most loaded rank of a valid recipe (findings are the rule set's job).</summary>
     public static MemoryEstimate For(RecipeSettings s)
     {

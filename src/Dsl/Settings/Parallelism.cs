@@ -11,6 +11,12 @@ public sealed record Parallelism
     /// <summary>Total number of GPUs (the world size). Re-checked at start-up against the real WORLD_SIZE.</summary>
     public int Gpus { get; init; } = 1;
 
+    /// <summary>
+    /// The GPU model every rank runs on; the plan and rule MOE0301 check the per-GPU memory estimate against it.
+    /// Default: <see cref="Gpu.H100"/>. The plan's <c>--gpu</c> option overrides it.
+    /// </summary>
+    public Gpu Gpu { get; init; } = Gpu.H100;
+
     /// <summary>Tensor-parallel size. Megatron: <c>--tensor-model-parallel-size</c>.</summary>
     public int Tensor { get; init; } = 1;
 

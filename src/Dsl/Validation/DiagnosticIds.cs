@@ -91,6 +91,10 @@ public static class DiagnosticIds
     /// <summary>WarmupSteps exceeds Steps: the warm-up is capped at the run's length.</summary>
     public const string WarmupLongerThanRun = "MOE0213";
 
+    // Memory: MOE0300-MOE0399
+    /// <summary>The per-GPU memory estimate exceeds the recipe's GPU (Moe's own; Megatron runs out of memory instead).</summary>
+    public const string PlanDoesNotFitGpu = "MOE0301";
+
     // Start-up: MOE0900-MOE0999
     /// <summary>The recipe's Gpus differs from the launcher's world size.</summary>
     public const string WorldSizeMismatch = "MOE0901";

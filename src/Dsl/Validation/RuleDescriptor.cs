@@ -27,6 +27,9 @@ public enum RuleCategory
     /// <summary>Data, batches and optimisation (MOE0200-0299).</summary>
     DataAndTraining,
 
+    /// <summary>The plan against the GPU's memory (MOE0300-0399).</summary>
+    Memory,
+
     /// <summary>Things only the launched job can know (MOE0900-0999).</summary>
     StartUp,
 }

@@ -62,10 +62,19 @@ public static class MoeCommands
         }
     }
 
-    /// <summary>Parses and runs, turning <see cref="UserError"/> into a message and exit code 2.</summary>
+    /// <summary>
+    /// Parses and runs, turning <see cref="UserError"/> into a message and exit code 2. A command line that does
+    /// not parse prints each error and one hint line (not the whole help) and also exits with 2.
+    /// </summary>
     public static int Run(RootCommand root, string[] args)
     {
         var parse = root.Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            foreach (var error in parse.Errors) Console.Error.WriteLine($"error: {error.Message}");
+            Console.Error.WriteLine($"Run '{CommandPath(parse.CommandResult)} --help' for the options.");
+            return UserErrorExitCode;
+        }
         try
         {
             return parse.Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
@@ -80,5 +89,14 @@ public static class MoeCommands
             Console.Error.WriteLine($"error: {e.Message}");
             return JobFailedExitCode;
         }
+    }
+
+    /// <summary>"moe plan": the names of the commands from the root to the one that was parsed.</summary>
+    private static string CommandPath(System.CommandLine.Parsing.CommandResult command)
+    {
+        var names = new List<string>();
+        for (var result = command; result is not null; result = result.Parent as System.CommandLine.Parsing.CommandResult)
+            names.Insert(0, result.Command.Name);
+        return string.Join(" ", names);
     }
 }

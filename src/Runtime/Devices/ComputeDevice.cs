@@ -75,7 +75,7 @@ public static class ComputeDevice
         string found = dir is null
             ? $"No CUDA libtorch was found: {how}. Install PyTorch with CUDA, or set MOE_TORCH_LIB to its torch/lib directory."
             : $"A CUDA libtorch exists ({how}), but this process loaded the CPU libtorch that ships beside it. " +
-              "Start Moe through a GPU bundle (shared/tools/gpu-bundle.sh makes one: it leaves the CPU libtorch out and its `run` script puts " +
+              "Start Moe through a GPU bundle (`dotnet publish <project> -c Release -r linux-x64 -p:MoeGpuBundle=true` makes one: it leaves the CPU libtorch out and its `run` script puts " +
               $"{dir} on LD_LIBRARY_PATH), or publish without the libtorch-cpu natives and run with LD_LIBRARY_PATH={dir}.";
         return $"--device cuda was asked for, but TorchSharp sees no CUDA device (torch.cuda.is_available() is false; LD_LIBRARY_PATH={ld}). {found}";
     }

@@ -11,12 +11,12 @@ namespace Moe.Dsl.Tests.Rules;
 /// </summary>
 public static class RuleCases
 {
-    /// <summary>A valid base: Mixtral 8x7B on 32 GPUs, EP 8 (the Mixtral8x7b recipe's layout).</summary>
+    /// <summary>A valid base: Mixtral 8x7B on 32 H200s, EP 8 (about 97 GB per GPU: it would not fit an H100, see MOE0301).</summary>
     public static RecipeSettings Base { get; } = new()
     {
         Name = "Case",
         Model = Model.Mixtral8x7B,
-        Parallelism = new Parallelism { Gpus = 32, Expert = 8 },
+        Parallelism = new Parallelism { Gpus = 32, Expert = 8, Gpu = Gpu.H200 },
         Data = new Data { SequenceLength = 4096, Split = "990,9,1" },
         Training = new Training { GlobalBatchSize = 128, MicroBatchSize = 1, Steps = 100 },
     };
@@ -193,5 +193,13 @@ public static class RuleCases
         yield return new(DiagnosticIds.WarmupLongerThanRun, "Training.WarmupSteps",
             ["WarmupSteps (200) exceeds Steps (100): the warm-up is capped at 100 steps"],
             T(t => t with { WarmupSteps = 200 }), T(t => t with { WarmupSteps = 100 }));
+        // By hand, per GPU of 8x7B with TP 1, PP 1, EP 8 on 32 GPUs (DP 32, expert DP 4), bf16 + Adam, 4096 tokens:
+        // parameters: experts 32 layers × 3·4096·14336 = 5,637,144,576; dense 32 × (41,943,040 attention + 8,192 norms
+        // + 32,768 router) + 2 × 32000·4096 embeddings + 4,096 = 1,605,636,096 → 7,242,780,672;
+        // weights 2 B (14.49 GB) + gradients 4 B (28.97 GB) + optimizer 12 B sharded (dense /32, experts /4: 17.51 GB)
+        // + activations 32 layers × 4096 × 241,664 B + fp32 logits 4096·32000·4 (32.20 GB) + 4 GB = 97.17 GB.
+        yield return new(DiagnosticIds.PlanDoesNotFitGpu, "Parallelism.Gpu",
+            ["The plan needs about 97.2 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 32.2", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
+            P(p => p with { Gpu = Gpu.H100 }), P(p => p with { Gpu = Gpu.H200 }));
     }
 }

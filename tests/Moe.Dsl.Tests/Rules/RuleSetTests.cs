@@ -146,6 +146,7 @@ public class RuleSetTests
                 RuleCategory.Topology => (1, 99),
                 RuleCategory.RouterAndCapacity => (100, 199),
                 RuleCategory.DataAndTraining => (200, 299),
+                RuleCategory.Memory => (300, 399),
                 _ => (900, 999),
             };
             Assert.InRange(n, lo, hi);

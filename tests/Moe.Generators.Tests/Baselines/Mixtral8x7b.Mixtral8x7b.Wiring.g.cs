@@ -19,7 +19,7 @@ partial class Mixtral8x7b
         /// <summary>Tensor-parallel size.</summary>
         public const int Tensor = 1;
         /// <summary>Pipeline-parallel size.</summary>
-        public const int Pipeline = 1;
+        public const int Pipeline = 4;
         /// <summary>Virtual pipeline chunks per stage (1: none).</summary>
         public const int VirtualPipeline = 1;
         /// <summary>Context-parallel size.</summary>
@@ -29,9 +29,9 @@ partial class Mixtral8x7b
         /// <summary>Expert tensor-parallel size.</summary>
         public const int ExpertTensor = 1;
         /// <summary>Dense data parallel: Gpus / (Tensor·Pipeline·Context).</summary>
-        public const int DataParallel = 32;
+        public const int DataParallel = 8;
         /// <summary>Expert data parallel: Gpus / (ExpertTensor·Expert·Pipeline).</summary>
-        public const int ExpertDataParallel = 4;
+        public const int ExpertDataParallel = 1;
         /// <summary>Transformer layers.</summary>
         public const int Layers = 32;
         /// <summary>Experts per MoE layer.</summary>
@@ -45,16 +45,16 @@ partial class Mixtral8x7b
             new GridAxis("tp", 1, 1),
             new GridAxis("cp", 1, 1),
             new GridAxis("ep", 1, 1),
-            new GridAxis("dp", 32, 1),
-            new GridAxis("pp", 1, 32));
+            new GridAxis("dp", 8, 1),
+            new GridAxis("pp", 4, 8));
 
         /// <summary>Megatron's expert grid, first axis fastest: (tp, cp, ep, dp, pp) = (ExpertTensor, 1, Expert, ExpertDataParallel, Pipeline).</summary>
         public static readonly RankGrid ExpertGrid = new(
             new GridAxis("tp", 1, 1),
             new GridAxis("cp", 1, 1),
             new GridAxis("ep", 8, 1),
-            new GridAxis("dp", 4, 8),
-            new GridAxis("pp", 1, 32));
+            new GridAxis("dp", 1, 8),
+            new GridAxis("pp", 4, 8));
 
         /// <summary>Megatron group family "tp".</summary>
         public static readonly int[][] Tp =
@@ -133,124 +133,58 @@ partial class Mixtral8x7b
         /// <summary>Megatron group family "dp".</summary>
         public static readonly int[][] Dp =
         {
-            new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31 },
+            new[] { 0, 1, 2, 3, 4, 5, 6, 7 },
+            new[] { 8, 9, 10, 11, 12, 13, 14, 15 },
+            new[] { 16, 17, 18, 19, 20, 21, 22, 23 },
+            new[] { 24, 25, 26, 27, 28, 29, 30, 31 },
         };
 
         /// <summary>Megatron group family "dp_cp".</summary>
         public static readonly int[][] DpCp =
         {
-            new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31 },
+            new[] { 0, 1, 2, 3, 4, 5, 6, 7 },
+            new[] { 8, 9, 10, 11, 12, 13, 14, 15 },
+            new[] { 16, 17, 18, 19, 20, 21, 22, 23 },
+            new[] { 24, 25, 26, 27, 28, 29, 30, 31 },
         };
 
         /// <summary>Megatron group family "pp".</summary>
         public static readonly int[][] Pp =
         {
-            new[] { 0 },
-            new[] { 1 },
-            new[] { 2 },
-            new[] { 3 },
-            new[] { 4 },
-            new[] { 5 },
-            new[] { 6 },
-            new[] { 7 },
-            new[] { 8 },
-            new[] { 9 },
-            new[] { 10 },
-            new[] { 11 },
-            new[] { 12 },
-            new[] { 13 },
-            new[] { 14 },
-            new[] { 15 },
-            new[] { 16 },
-            new[] { 17 },
-            new[] { 18 },
-            new[] { 19 },
-            new[] { 20 },
-            new[] { 21 },
-            new[] { 22 },
-            new[] { 23 },
-            new[] { 24 },
-            new[] { 25 },
-            new[] { 26 },
-            new[] { 27 },
-            new[] { 28 },
-            new[] { 29 },
-            new[] { 30 },
-            new[] { 31 },
+            new[] { 0, 8, 16, 24 },
+            new[] { 1, 9, 17, 25 },
+            new[] { 2, 10, 18, 26 },
+            new[] { 3, 11, 19, 27 },
+            new[] { 4, 12, 20, 28 },
+            new[] { 5, 13, 21, 29 },
+            new[] { 6, 14, 22, 30 },
+            new[] { 7, 15, 23, 31 },
         };
 
         /// <summary>Megatron group family "mp".</summary>
         public static readonly int[][] Mp =
         {
-            new[] { 0 },
-            new[] { 1 },
-            new[] { 2 },
-            new[] { 3 },
-            new[] { 4 },
-            new[] { 5 },
-            new[] { 6 },
-            new[] { 7 },
-            new[] { 8 },
-            new[] { 9 },
-            new[] { 10 },
-            new[] { 11 },
-            new[] { 12 },
-            new[] { 13 },
-            new[] { 14 },
-            new[] { 15 },
-            new[] { 16 },
-            new[] { 17 },
-            new[] { 18 },
-            new[] { 19 },
-            new[] { 20 },
-            new[] { 21 },
-            new[] { 22 },
-            new[] { 23 },
-            new[] { 24 },
-            new[] { 25 },
-            new[] { 26 },
-            new[] { 27 },
-            new[] { 28 },
-            new[] { 29 },
-            new[] { 30 },
-            new[] { 31 },
+            new[] { 0, 8, 16, 24 },
+            new[] { 1, 9, 17, 25 },
+            new[] { 2, 10, 18, 26 },
+            new[] { 3, 11, 19, 27 },
+            new[] { 4, 12, 20, 28 },
+            new[] { 5, 13, 21, 29 },
+            new[] { 6, 14, 22, 30 },
+            new[] { 7, 15, 23, 31 },
         };
 
         /// <summary>Megatron group family "tp_pp".</summary>
         public static readonly int[][] TpPp =
         {
-            new[] { 0 },
-            new[] { 1 },
-            new[] { 2 },
-            new[] { 3 },
-            new[] { 4 },
-            new[] { 5 },
-            new[] { 6 },
-            new[] { 7 },
-            new[] { 8 },
-            new[] { 9 },
-            new[] { 10 },
-            new[] { 11 },
-            new[] { 12 },
-            new[] { 13 },
-            new[] { 14 },
-            new[] { 15 },
-            new[] { 16 },
-            new[] { 17 },
-            new[] { 18 },
-            new[] { 19 },
-            new[] { 20 },
-            new[] { 21 },
-            new[] { 22 },
-            new[] { 23 },
-            new[] { 24 },
-            new[] { 25 },
-            new[] { 26 },
-            new[] { 27 },
-            new[] { 28 },
-            new[] { 29 },
-            new[] { 30 },
-            new[] { 31 },
+            new[] { 0, 8, 16, 24 },
+            new[] { 1, 9, 17, 25 },
+            new[] { 2, 10, 18, 26 },
+            new[] { 3, 11, 19, 27 },
+            new[] { 4, 12, 20, 28 },
+            new[] { 5, 13, 21, 29 },
+            new[] { 6, 14, 22, 30 },
+            new[] { 7, 15, 23, 31 },
         };
 
         /// <summary>Megatron group family "tp_cp".</summary>
@@ -293,50 +227,32 @@ partial class Mixtral8x7b
         /// <summary>Megatron group family "tp_dp".</summary>
         public static readonly int[][] TpDp =
         {
-            new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31 },
+            new[] { 0, 1, 2, 3, 4, 5, 6, 7 },
+            new[] { 8, 9, 10, 11, 12, 13, 14, 15 },
+            new[] { 16, 17, 18, 19, 20, 21, 22, 23 },
+            new[] { 24, 25, 26, 27, 28, 29, 30, 31 },
         };
 
         /// <summary>Megatron group family "tp_dp_cp".</summary>
         public static readonly int[][] TpDpCp =
         {
-            new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31 },
+            new[] { 0, 1, 2, 3, 4, 5, 6, 7 },
+            new[] { 8, 9, 10, 11, 12, 13, 14, 15 },
+            new[] { 16, 17, 18, 19, 20, 21, 22, 23 },
+            new[] { 24, 25, 26, 27, 28, 29, 30, 31 },
         };
 
         /// <summary>Megatron group family "embedding".</summary>
         public static readonly int[][] Embedding =
         {
-            new[] { 0 },
-            new[] { 1 },
-            new[] { 2 },
-            new[] { 3 },
-            new[] { 4 },
-            new[] { 5 },
-            new[] { 6 },
-            new[] { 7 },
-            new[] { 8 },
-            new[] { 9 },
-            new[] { 10 },
-            new[] { 11 },
-            new[] { 12 },
-            new[] { 13 },
-            new[] { 14 },
-            new[] { 15 },
-            new[] { 16 },
-            new[] { 17 },
-            new[] { 18 },
-            new[] { 19 },
-            new[] { 20 },
-            new[] { 21 },
-            new[] { 22 },
-            new[] { 23 },
-            new[] { 24 },
-            new[] { 25 },
-            new[] { 26 },
-            new[] { 27 },
-            new[] { 28 },
-            new[] { 29 },
-            new[] { 30 },
-            new[] { 31 },
+            new[] { 0, 24 },
+            new[] { 1, 25 },
+            new[] { 2, 26 },
+            new[] { 3, 27 },
+            new[] { 4, 28 },
+            new[] { 5, 29 },
+            new[] { 6, 30 },
+            new[] { 7, 31 },
         };
 
         /// <summary>Megatron group family "position_embedding".</summary>
@@ -350,30 +266,6 @@ partial class Mixtral8x7b
             new[] { 5 },
             new[] { 6 },
             new[] { 7 },
-            new[] { 8 },
-            new[] { 9 },
-            new[] { 10 },
-            new[] { 11 },
-            new[] { 12 },
-            new[] { 13 },
-            new[] { 14 },
-            new[] { 15 },
-            new[] { 16 },
-            new[] { 17 },
-            new[] { 18 },
-            new[] { 19 },
-            new[] { 20 },
-            new[] { 21 },
-            new[] { 22 },
-            new[] { 23 },
-            new[] { 24 },
-            new[] { 25 },
-            new[] { 26 },
-            new[] { 27 },
-            new[] { 28 },
-            new[] { 29 },
-            new[] { 30 },
-            new[] { 31 },
         };
 
         /// <summary>Megatron group family "ep".</summary>
@@ -425,14 +317,38 @@ partial class Mixtral8x7b
         /// <summary>Megatron group family "expert_dp".</summary>
         public static readonly int[][] ExpertDp =
         {
-            new[] { 0, 8, 16, 24 },
-            new[] { 1, 9, 17, 25 },
-            new[] { 2, 10, 18, 26 },
-            new[] { 3, 11, 19, 27 },
-            new[] { 4, 12, 20, 28 },
-            new[] { 5, 13, 21, 29 },
-            new[] { 6, 14, 22, 30 },
-            new[] { 7, 15, 23, 31 },
+            new[] { 0 },
+            new[] { 1 },
+            new[] { 2 },
+            new[] { 3 },
+            new[] { 4 },
+            new[] { 5 },
+            new[] { 6 },
+            new[] { 7 },
+            new[] { 8 },
+            new[] { 9 },
+            new[] { 10 },
+            new[] { 11 },
+            new[] { 12 },
+            new[] { 13 },
+            new[] { 14 },
+            new[] { 15 },
+            new[] { 16 },
+            new[] { 17 },
+            new[] { 18 },
+            new[] { 19 },
+            new[] { 20 },
+            new[] { 21 },
+            new[] { 22 },
+            new[] { 23 },
+            new[] { 24 },
+            new[] { 25 },
+            new[] { 26 },
+            new[] { 27 },
+            new[] { 28 },
+            new[] { 29 },
+            new[] { 30 },
+            new[] { 31 },
         };
 
         /// <summary>Megatron group family "tp_ep".</summary>
@@ -447,10 +363,7 @@ partial class Mixtral8x7b
         /// <summary>Megatron group family "tp_ep_pp".</summary>
         public static readonly int[][] TpEpPp =
         {
-            new[] { 0, 1, 2, 3, 4, 5, 6, 7 },
-            new[] { 8, 9, 10, 11, 12, 13, 14, 15 },
-            new[] { 16, 17, 18, 19, 20, 21, 22, 23 },
-            new[] { 24, 25, 26, 27, 28, 29, 30, 31 },
+            new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31 },
         };
 
         /// <summary>Megatron group family "intra_dist_opt".</summary>
@@ -569,30 +482,30 @@ partial class Mixtral8x7b
             new(0, 0, 5, 0, 5, 5, 0, 0), // rank 5
             new(0, 0, 6, 0, 6, 6, 0, 0), // rank 6
             new(0, 0, 7, 0, 7, 7, 0, 0), // rank 7
-            new(0, 0, 8, 0, 8, 0, 0, 1), // rank 8
-            new(0, 0, 9, 0, 9, 1, 0, 1), // rank 9
-            new(0, 0, 10, 0, 10, 2, 0, 1), // rank 10
-            new(0, 0, 11, 0, 11, 3, 0, 1), // rank 11
-            new(0, 0, 12, 0, 12, 4, 0, 1), // rank 12
-            new(0, 0, 13, 0, 13, 5, 0, 1), // rank 13
-            new(0, 0, 14, 0, 14, 6, 0, 1), // rank 14
-            new(0, 0, 15, 0, 15, 7, 0, 1), // rank 15
-            new(0, 0, 16, 0, 16, 0, 0, 2), // rank 16
-            new(0, 0, 17, 0, 17, 1, 0, 2), // rank 17
-            new(0, 0, 18, 0, 18, 2, 0, 2), // rank 18
-            new(0, 0, 19, 0, 19, 3, 0, 2), // rank 19
-            new(0, 0, 20, 0, 20, 4, 0, 2), // rank 20
-            new(0, 0, 21, 0, 21, 5, 0, 2), // rank 21
-            new(0, 0, 22, 0, 22, 6, 0, 2), // rank 22
-            new(0, 0, 23, 0, 23, 7, 0, 2), // rank 23
-            new(0, 0, 24, 0, 24, 0, 0, 3), // rank 24
-            new(0, 0, 25, 0, 25, 1, 0, 3), // rank 25
-            new(0, 0, 26, 0, 26, 2, 0, 3), // rank 26
-            new(0, 0, 27, 0, 27, 3, 0, 3), // rank 27
-            new(0, 0, 28, 0, 28, 4, 0, 3), // rank 28
-            new(0, 0, 29, 0, 29, 5, 0, 3), // rank 29
-            new(0, 0, 30, 0, 30, 6, 0, 3), // rank 30
-            new(0, 0, 31, 0, 31, 7, 0, 3), // rank 31
+            new(0, 0, 0, 1, 0, 0, 0, 0), // rank 8
+            new(0, 0, 1, 1, 1, 1, 0, 0), // rank 9
+            new(0, 0, 2, 1, 2, 2, 0, 0), // rank 10
+            new(0, 0, 3, 1, 3, 3, 0, 0), // rank 11
+            new(0, 0, 4, 1, 4, 4, 0, 0), // rank 12
+            new(0, 0, 5, 1, 5, 5, 0, 0), // rank 13
+            new(0, 0, 6, 1, 6, 6, 0, 0), // rank 14
+            new(0, 0, 7, 1, 7, 7, 0, 0), // rank 15
+            new(0, 0, 0, 2, 0, 0, 0, 0), // rank 16
+            new(0, 0, 1, 2, 1, 1, 0, 0), // rank 17
+            new(0, 0, 2, 2, 2, 2, 0, 0), // rank 18
+            new(0, 0, 3, 2, 3, 3, 0, 0), // rank 19
+            new(0, 0, 4, 2, 4, 4, 0, 0), // rank 20
+            new(0, 0, 5, 2, 5, 5, 0, 0), // rank 21
+            new(0, 0, 6, 2, 6, 6, 0, 0), // rank 22
+            new(0, 0, 7, 2, 7, 7, 0, 0), // rank 23
+            new(0, 0, 0, 3, 0, 0, 0, 0), // rank 24
+            new(0, 0, 1, 3, 1, 1, 0, 0), // rank 25
+            new(0, 0, 2, 3, 2, 2, 0, 0), // rank 26
+            new(0, 0, 3, 3, 3, 3, 0, 0), // rank 27
+            new(0, 0, 4, 3, 4, 4, 0, 0), // rank 28
+            new(0, 0, 5, 3, 5, 5, 0, 0), // rank 29
+            new(0, 0, 6, 3, 6, 6, 0, 0), // rank 30
+            new(0, 0, 7, 3, 7, 7, 0, 0), // rank 31
         };
 
         /// <summary>The communicators in the order every rank must create them (run-length encoded).</summary>
@@ -601,10 +514,22 @@ partial class Mixtral8x7b
             new("GTP_WEIGHT_REMAT_GROUP", "nccl", "gtp_remat", 0, 32),
             new("DATA_PARALLEL_GROUP_WITH_CP", "nccl", "dp_cp", 0, 1),
             new("DATA_PARALLEL_GROUP_WITH_CP_GLOO", "gloo", "dp_cp", 0, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP", "nccl", "dp_cp", 1, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP_GLOO", "gloo", "dp_cp", 1, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP", "nccl", "dp_cp", 2, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP_GLOO", "gloo", "dp_cp", 2, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP", "nccl", "dp_cp", 3, 1),
+            new("DATA_PARALLEL_GROUP_WITH_CP_GLOO", "gloo", "dp_cp", 3, 1),
             new("DATA_PARALLEL_GROUP", "nccl", "dp", 0, 1),
             new("DATA_PARALLEL_GROUP_GLOO", "gloo", "dp", 0, 1),
+            new("DATA_PARALLEL_GROUP", "nccl", "dp", 1, 1),
+            new("DATA_PARALLEL_GROUP_GLOO", "gloo", "dp", 1, 1),
+            new("DATA_PARALLEL_GROUP", "nccl", "dp", 2, 1),
+            new("DATA_PARALLEL_GROUP_GLOO", "gloo", "dp", 2, 1),
+            new("DATA_PARALLEL_GROUP", "nccl", "dp", 3, 1),
+            new("DATA_PARALLEL_GROUP_GLOO", "gloo", "dp", 3, 1),
             new("CONTEXT_PARALLEL_GROUP", "nccl", "cp", 0, 32),
-            new("MODEL_PARALLEL_GROUP", "nccl", "mp", 0, 32),
+            new("MODEL_PARALLEL_GROUP", "nccl", "mp", 0, 8),
             new("TENSOR_MODEL_PARALLEL_GROUP", "nccl", "tp", 0, 32),
             new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 0, 1),
             new("EMBEDDING_GROUP", "nccl", "embedding", 0, 1),
@@ -630,87 +555,15 @@ partial class Mixtral8x7b
             new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 7, 1),
             new("EMBEDDING_GROUP", "nccl", "embedding", 7, 1),
             new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 7, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 8, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 8, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 8, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 9, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 9, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 9, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 10, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 10, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 10, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 11, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 11, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 11, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 12, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 12, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 12, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 13, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 13, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 13, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 14, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 14, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 14, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 15, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 15, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 15, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 16, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 16, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 16, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 17, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 17, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 17, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 18, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 18, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 18, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 19, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 19, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 19, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 20, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 20, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 20, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 21, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 21, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 21, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 22, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 22, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 22, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 23, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 23, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 23, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 24, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 24, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 24, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 25, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 25, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 25, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 26, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 26, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 26, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 27, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 27, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 27, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 28, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 28, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 28, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 29, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 29, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 29, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 30, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 30, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 30, 1),
-            new("PIPELINE_MODEL_PARALLEL_GROUP", "nccl", "pp", 31, 1),
-            new("EMBEDDING_GROUP", "nccl", "embedding", 31, 1),
-            new("POSITION_EMBEDDING_GROUP", "nccl", "position_embedding", 31, 1),
-            new("TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP", "nccl", "tp_dp_cp", 0, 1),
-            new("TENSOR_AND_DATA_PARALLEL_GROUP", "nccl", "tp_dp", 0, 1),
+            new("TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP", "nccl", "tp_dp_cp", 0, 4),
+            new("TENSOR_AND_DATA_PARALLEL_GROUP", "nccl", "tp_dp", 0, 4),
             new("TENSOR_AND_CONTEXT_PARALLEL_GROUP", "nccl", "tp_cp", 0, 32),
             new("EXPERT_GTP_WEIGHT_REMAT_GROUP", "nccl", "expert_gtp_remat", 0, 32),
             new("EXPERT_MODEL_PARALLEL_GROUP", "nccl", "ep", 0, 4),
             new("EXPERT_TENSOR_PARALLEL_GROUP", "nccl", "expert_tp", 0, 32),
             new("EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", "nccl", "tp_ep", 0, 4),
-            new("EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP", "nccl", "tp_ep_pp", 0, 4),
-            new("EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP_WITH_EGTP", "nccl", "tp_ep_pp", 0, 4),
+            new("EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP", "nccl", "tp_ep_pp", 0, 1),
+            new("EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP_WITH_EGTP", "nccl", "tp_ep_pp", 0, 1),
             new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 0, 1),
             new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 0, 1),
             new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 1, 1),
@@ -727,6 +580,54 @@ partial class Mixtral8x7b
             new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 6, 1),
             new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 7, 1),
             new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 7, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 8, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 8, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 9, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 9, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 10, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 10, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 11, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 11, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 12, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 12, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 13, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 13, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 14, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 14, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 15, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 15, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 16, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 16, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 17, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 17, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 18, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 18, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 19, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 19, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 20, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 20, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 21, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 21, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 22, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 22, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 23, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 23, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 24, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 24, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 25, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 25, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 26, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 26, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 27, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 27, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 28, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 28, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 29, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 29, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 30, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 30, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP", "nccl", "expert_dp", 31, 1),
+            new("EXPERT_DATA_PARALLEL_GROUP_GLOO", "gloo", "expert_dp", 31, 1),
             new("INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP", "nccl", "intra_dist_opt", 0, 1),
         };
 
@@ -737,7 +638,10 @@ partial class Mixtral8x7b
         /// <summary>Layers of each pipeline stage (one range per virtual chunk).</summary>
         public static readonly LayerRange[][] StageLayers =
         {
-            new LayerRange[] { new(0, 32) }, // stage 0
+            new LayerRange[] { new(0, 8) }, // stage 0
+            new LayerRange[] { new(8, 8) }, // stage 1
+            new LayerRange[] { new(16, 8) }, // stage 2
+            new LayerRange[] { new(24, 8) }, // stage 3
         };
 
         /// <summary>Experts owned by each expert-parallel rank.</summary>

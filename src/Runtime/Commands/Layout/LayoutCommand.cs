@@ -1,4 +1,5 @@
 using System.Text;
+using System.Text.Json.Nodes;
 using Moe.Dsl;
 using Moe.Dsl.Layout;
 
@@ -22,7 +23,7 @@ public static class LayoutCommand
             parallelism.Expert, parallelism.EffectiveExpertTensor, parallelism.Order);
         // Tens of megabytes at 131,072 ranks: streamed in 64 KiB chunks, never held whole.
         using var buffered = new ChunkedWriter(output);
-        if (json) LayoutJson.Write(layout, buffered);
+        if (json) LayoutJson.Write(layout, buffered, indented: true);
         else Render(layout, buffered);
         buffered.WriteLine();
         return 0;

@@ -9,26 +9,33 @@ namespace Moe.Runtime.Commands.Plan;
 /// <summary>Validates a recipe and writes its plan.</summary>
 public static class PlanCommand
 {
-    public static int Execute(RecipeSettings settings, GpuSpec gpu, TextWriter output)
+    /// <summary>
+    /// Prints the plan of <paramref name="settings"/> on its <see cref="Parallelism.Gpu"/>. Errors throw a
+    /// <see cref="UserError"/>; warnings (MOE0301 when the estimate exceeds the GPU's memory) are printed first.
+    /// </summary>
+    public static int Execute(RecipeSettings settings, TextWriter output)
     {
         RecipeFindings.ThrowIfInvalid(settings, warnings: output);
-        output.Write(Render(settings, gpu));
+        output.Write(Render(settings));
         return 0;
     }
 
     /// <summary>The plan as text (the recipe must be valid).</summary>
-    public static string Render(RecipeSettings s, GpuSpec gpu)
+    public static string Render(RecipeSettings s)
     {
+        var gpu = GpuSpec.Of(s.Parallelism.Gpu);
         var m = s.Model;
         var p = s.Parallelism;
         var sb = new StringBuilder();
         string I(long v) => v.ToString("N0", CultureInfo.InvariantCulture);
         void Line(string label, string value) => sb.Append("  ").Append(label.PadRight(26)).Append(value).Append('\n');
 
-        sb.Append($"Plan for {s.Name}: {m.Name}, {I(m.ParameterCount)} parameters ({I(m.ActiveParameterCount)} active per token)\n\n");
+        // The moe tool plans a preset, whose name is the model's; a recipe project plans its class.
+        string subject = s.Name == m.Name ? m.Name : $"{s.Name}: {m.Name}";
+        sb.Append($"Plan for {subject}, {I(m.ParameterCount)} parameters ({I(m.ActiveParameterCount)} active per token)\n\n");
 
         sb.Append("Layout\n");
-        Line("GPUs", I(p.Gpus));
+        Line("GPUs", $"{I(p.Gpus)} × {gpu.Name} ({gpu.MemoryGB.ToString(CultureInfo.InvariantCulture)} GB)");
         Line("tensor / pipeline", $"{p.Tensor} / {p.Pipeline}" + (p.VirtualPipeline is int v ? $" (virtual {v})" : ""));
         Line("context", I(p.Context));
         Line("expert / expert tensor", $"{p.Expert} / {p.EffectiveExpertTensor}" + (p.ExpertTensor is null ? " (= tensor)" : ""));
@@ -100,7 +107,7 @@ public static class PlanCommand
         Line("activations", G(mem.ActivationsBytes) + $" (micro-batch {s.Training.MicroBatchSize} × {s.Data.SequenceLength} tokens)");
         Line("CUDA, NCCL, allocator", G(mem.OverheadBytes));
         Line("total", $"{G(mem.TotalBytes)} of {gpu.Name}'s {gpu.MemoryGB.ToString(CultureInfo.InvariantCulture)} GB: " +
-            (mem.FitsOn(gpu) ? "fits" : "WILL NOT FIT"));
+            (mem.FitsOn(gpu) ? "fits" : $"WILL NOT FIT ({Moe.Dsl.Validation.DiagnosticIds.PlanDoesNotFitGpu})"));
         string others = string.Join(", ", GpuSpec.All.Where(g => g != gpu).Select(g => $"{g.Name} {(mem.FitsOn(g) ? "fits" : "no")}"));
         Line("other GPUs", others);
         return sb.ToString();

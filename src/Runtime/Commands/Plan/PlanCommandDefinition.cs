@@ -24,7 +24,7 @@ public sealed class PlanCommandDefinition
         Recipe = recipe;
         Command = new Command(Name, "Validate a recipe and print its plan: derived data parallel sizes, process groups, " +
             "pipeline stages, expert placement, and per-GPU memory against the GPU's HBM.");
-        Options = new RecipeOptions(recipe ?? new RecipeSettings { Name = "moe plan", Model = Model.Mixtral8x7B });
+        Options = new RecipeOptions(recipe ?? new RecipeSettings { Name = Model.Mixtral8x7B.Name, Model = Model.Mixtral8x7B });
         Options.AddTo(Command);
         if (recipe is null)
         {
@@ -36,10 +36,12 @@ public sealed class PlanCommandDefinition
             ModelOption.AcceptOnlyFromAmong([.. Presets.Keys]);
             Command.Options.Add(ModelOption);
         }
+        string defaultGpu = GpuSpec.Of(recipe?.Parallelism.Gpu ?? Dsl.Gpu.H100).Name.ToLowerInvariant();
         Gpu = new Option<string>("--gpu")
         {
-            Description = "GPU to check memory against: " + string.Join(", ", GpuSpec.All.Select(g => g.Name.ToLowerInvariant())) + ".",
-            DefaultValueFactory = _ => "h100",
+            Description = "GPU to check memory against (default: the recipe's Parallelism.Gpu): " +
+                string.Join(", ", GpuSpec.All.Select(g => g.Name.ToLowerInvariant())) + ".",
+            DefaultValueFactory = _ => defaultGpu,
         };
         Gpu.AcceptOnlyFromAmong([.. GpuSpec.All.Select(g => g.Name.ToLowerInvariant())]);
         Command.Options.Add(Gpu);

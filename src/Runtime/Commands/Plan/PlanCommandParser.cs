@@ -17,10 +17,11 @@ public static class PlanCommandParser
     /// <summary>Runs the plan for a parse result of a command that carries <paramref name="definition"/>'s options.</summary>
     public static int Run(PlanCommandDefinition definition, ParseResult parse)
     {
-        var baseSettings = definition.Recipe
-            ?? new RecipeSettings { Name = "moe plan", Model = PlanCommandDefinition.Presets[parse.GetValue(definition.ModelOption!)!] };
+        var preset = definition.Recipe is null ? PlanCommandDefinition.Presets[parse.GetValue(definition.ModelOption!)!] : null;
+        var baseSettings = definition.Recipe ?? new RecipeSettings { Name = preset!.Name, Model = preset };
         var settings = definition.Options.Apply(baseSettings, parse);
         var gpu = GpuSpec.Find(parse.GetValue(definition.Gpu)!)!;
-        return PlanCommand.Execute(settings, gpu, Console.Out);
+        settings = settings with { Parallelism = settings.Parallelism with { Gpu = gpu.Member } };
+        return PlanCommand.Execute(settings, Console.Out);
     }
 }
