@@ -31,6 +31,7 @@ public sealed class RecipeOptions
     public Option<string?> Load { get; }
     public Option<string?> Save { get; }
     public Option<int> Seed { get; }
+    public Option<string> Precision { get; }
 
     public RecipeOptions(RecipeSettings defaults)
     {
@@ -71,11 +72,17 @@ public sealed class RecipeOptions
         Load = Text("--load", Doc("Checkpoint.Load", "Checkpoint to start from (Hugging Face directory or Moe checkpoint). Megatron: --load."), defaults.Checkpoint.Load);
         Save = Text("--save", Doc("Checkpoint.Save", "Directory to save checkpoints to. Megatron: --save."), defaults.Checkpoint.Save);
         Seed = Int("--seed", Doc("Training.Seed", "Random seed. Megatron: --seed."), t.Seed);
+        Precision = new Option<string>("--precision")
+        {
+            Description = Doc("Training.Precision", "bf16 (fp32 main weights and gradients) or fp32. Megatron: --bf16."),
+            DefaultValueFactory = _ => t.Precision == Dsl.Precision.Bf16 ? "bf16" : "fp32",
+        };
+        Precision.AcceptOnlyFromAmong("bf16", "fp32");
     }
 
     /// <summary>Every option, in the order help lists them.</summary>
     public IEnumerable<Option> All => [Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, SequenceParallel, Order,
-        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, Seed];
+        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, Seed, Precision];
 
     /// <summary>Adds every option to a command.</summary>
     public void AddTo(Command command)
@@ -106,6 +113,7 @@ public sealed class RecipeOptions
             EvalInterval = parse.GetValue(EvalInterval),
             LearningRate = parse.GetValue(LearningRate),
             Seed = parse.GetValue(Seed),
+            Precision = parse.GetValue(Precision) == "fp32" ? Dsl.Precision.Fp32 : Dsl.Precision.Bf16,
         },
         Data = recipe.Data with
         {

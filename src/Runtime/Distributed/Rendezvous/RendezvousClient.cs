@@ -215,18 +215,26 @@ public sealed class RendezvousClient : IRendezvousStore
         byte[] k = RendezvousKeys.KeyBytes(key);
         if (timeout < TimeSpan.Zero || timeout == Timeout.InfiniteTimeSpan)
             throw new ArgumentOutOfRangeException(nameof(timeout), timeout, "a rendezvous wait needs a finite, non-negative timeout");
-        uint ms = (uint)Math.Min(Math.Ceiling(timeout.TotalMilliseconds), uint.MaxValue);
-        uint id = NextId();
         var clock = Stopwatch.StartNew();
-        Reply reply = Call(id, new Writer(OpGet, id).Key(k).U32(ms).ToArray(), timeout + ReplyGrace, $"GET '{key}'");
-        return reply.Op switch
+        while (true)
         {
-            OpValue => reply.Value!,
-            OpNotFound => throw new RendezvousTimeoutException(
-                $"rank {_rank} waited {RendezvousKeys.Seconds(clock.Elapsed)} for key '{key}' at the rendezvous server {_server}; " +
-                "no rank set it in that time (the rank that should have failed or is still starting; its log says which)."),
-            _ => throw Unexpected(reply, $"GET '{key}'"),
-        };
+            // The server's timer can fire a moment before this rank's clock says the timeout has passed: ask again
+            // for what is left, so a Get never gives up early.
+            var left = timeout - clock.Elapsed;
+            uint ms = (uint)Math.Min(Math.Ceiling(Math.Max(left.TotalMilliseconds, 0)), uint.MaxValue);
+            uint id = NextId();
+            Reply reply = Call(id, new Writer(OpGet, id).Key(k).U32(ms).ToArray(), left + ReplyGrace, $"GET '{key}'");
+            switch (reply.Op)
+            {
+                case OpValue: return reply.Value!;
+                case OpNotFound when clock.Elapsed < timeout: continue;
+                case OpNotFound:
+                    throw new RendezvousTimeoutException(
+                        $"rank {_rank} waited {RendezvousKeys.Seconds(clock.Elapsed)} for key '{key}' at the rendezvous server {_server}; " +
+                        "no rank set it in that time (the rank that should have failed or is still starting; its log says which).");
+                default: throw Unexpected(reply, $"GET '{key}'");
+            }
+        }
     }
 
     /// <inheritdoc/>
