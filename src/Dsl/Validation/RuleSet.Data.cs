@@ -100,16 +100,23 @@ public static partial class RuleSet
             : None);
 
         // MOE0210 (Moe).
-        var interval = D(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint interval must be positive and needs Save", DataCat, "Moe",
-            "Checkpoint.Interval", "Checkpoint.Save");
-        yield return new Rule(interval, (s, _) =>
+        var interval = D(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint interval and KeepLast must be positive and need Save", DataCat, "Moe",
+            "Checkpoint.Interval", "Checkpoint.KeepLast", "Checkpoint.Save");
+        yield return new Rule(interval, (s, _) => CheckpointFindings(interval, s.Checkpoint));
+    }
+
+    private static IEnumerable<Finding> CheckpointFindings(RuleDescriptor d, Checkpoint c)
+    {
+        if (c.Interval is int i)
         {
-            var c = s.Checkpoint;
-            if (c.Interval is not int i) return None;
-            if (i < 1) return One(interval, $"Checkpoint Interval ({F(i)}) must be at least 1 step", null, "Checkpoint.Interval");
-            if (c.Save is null) return One(interval, $"Checkpoint Interval ({F(i)}) has nowhere to save: set Save to a directory", null, "Checkpoint.Interval", "Checkpoint.Save");
-            return None;
-        });
+            if (i < 1) yield return new Finding(d, $"Checkpoint Interval ({F(i)}) must be at least 1 step", new[] { "Checkpoint.Interval" });
+            else if (c.Save is null) yield return new Finding(d, $"Checkpoint Interval ({F(i)}) has nowhere to save: set Save to a directory", new[] { "Checkpoint.Interval", "Checkpoint.Save" });
+        }
+        if (c.KeepLast is int k)
+        {
+            if (k < 1) yield return new Finding(d, $"Checkpoint KeepLast ({F(k)}) must be at least 1 (null keeps every checkpoint)", new[] { "Checkpoint.KeepLast" });
+            else if (c.Save is null) yield return new Finding(d, $"Checkpoint KeepLast ({F(k)}) has no checkpoints to keep: set Save to a directory", new[] { "Checkpoint.KeepLast", "Checkpoint.Save" });
+        }
     }
 
     private static IEnumerable<Finding> BatchFindings(RuleDescriptor d, Training t)

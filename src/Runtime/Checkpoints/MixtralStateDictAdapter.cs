@@ -11,11 +11,11 @@ namespace Moe.Runtime.Checkpoints;
 /// <param name="Key">Hub key, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight.</param>
 /// <param name="Parameter">The model parameter holding it.</param>
 /// <param name="Slice">Selects the tensor from the parameter (or its gradient).</param>
-/// <param name="Block">Selects, from the whole hub tensor, the block this rank holds (identity unless the tensor is split over ranks).</param>
-public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, Func<Tensor, Tensor>? Block = null)
+/// <param name="Block">The block of the whole hub tensor this rank holds (null: the whole tensor); its geometry lets a checkpoint record and reshard it.</param>
+public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, TensorShard? Block = null)
 {
     /// <summary>Whether this rank holds only part of the hub tensor.</summary>
-    public bool IsPartial => Block is not null;
+    public bool IsPartial => Block is { IsWhole: false };
 }
 
 /// <summary>
@@ -40,8 +40,9 @@ public static class MixtralStateDictAdapter
             string p = $"model.layers.{l}.";
             var place = layer.Moe.Dispatcher.Placement;
             long slice = c.IntermediateSize / place.TensorSize, at = place.TensorRank * slice;
-            Func<Tensor, Tensor>? rows = place.TensorSize == 1 ? null : t => t.narrow(0, at, slice);
-            Func<Tensor, Tensor>? columns = place.TensorSize == 1 ? null : t => t.narrow(1, at, slice);
+            // Expert tensor parallel: rows [at, at + slice) of w1 and w3 [I, H], the same columns of w2 [H, I].
+            TensorShard? rows = place.TensorSize == 1 ? null : new TensorShard([c.IntermediateSize, c.HiddenSize], [slice, c.HiddenSize], [at, 0]);
+            TensorShard? columns = place.TensorSize == 1 ? null : new TensorShard([c.HiddenSize, c.IntermediateSize], [c.HiddenSize, slice], [0, at]);
             for (int e = place.FirstExpert; e < place.FirstExpert + place.LocalExperts; e++)
             {
                 int j = e - place.FirstExpert;
@@ -60,6 +61,37 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "self_attn.v_proj.weight", attention.Qkv, t => t.narrow(0, attention.VRows.Start, attention.VRows.Count)));
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
+        return list;
+    }
+
+    /// <summary>
+    /// Every hub tensor of the whole model (all experts, whole FFNs) with its shape, in <see cref="HubTensors"/>' order:
+    /// what a checkpoint of any layout must hold, and what an export writes. Kept beside <see cref="HubTensors"/>, whose
+    /// names and shapes it repeats (a test holds the two equal for a one-device model).
+    /// </summary>
+    public static IReadOnlyList<(string Key, long[] Shape)> HubShapes(MixtralConfig c)
+    {
+        long v = c.VocabSize, h = c.HiddenSize, ffn = c.IntermediateSize, d = c.HeadDim;
+        var list = new List<(string, long[])> { ("lm_head.weight", [v, h]), ("model.embed_tokens.weight", [v, h]) };
+        for (int l = 0; l < c.Layers; l++)
+        {
+            string p = $"model.layers.{l}.";
+            for (int e = 0; e < c.Experts; e++)
+            {
+                string ep = $"{p}block_sparse_moe.experts.{e}.";
+                list.Add((ep + "w1.weight", [ffn, h]));
+                list.Add((ep + "w2.weight", [h, ffn]));
+                list.Add((ep + "w3.weight", [ffn, h]));
+            }
+            list.Add((p + "block_sparse_moe.gate.weight", [c.Experts, h]));
+            list.Add((p + "input_layernorm.weight", [h]));
+            list.Add((p + "post_attention_layernorm.weight", [h]));
+            list.Add((p + "self_attn.k_proj.weight", [c.KeyValueHeads * d, h]));
+            list.Add((p + "self_attn.o_proj.weight", [h, c.Heads * d]));
+            list.Add((p + "self_attn.q_proj.weight", [c.Heads * d, h]));
+            list.Add((p + "self_attn.v_proj.weight", [c.KeyValueHeads * d, h]));
+        }
+        list.Add(("model.norm.weight", [h]));
         return list;
     }
 
@@ -107,7 +139,7 @@ public static class MixtralStateDictAdapter
                 var target = h.Slice(h.Parameter);
                 if (byKey.TryGetValue(h.Key, out var file))
                 {
-                    CopyInto(target, file, h.Key, h.Block);
+                    CopyInto(target, file, h.Key, h.Block is null ? null : h.Block.Slice);
                     used.Add(h.Key);
                 }
                 else if (!LoadFused(model, h, byKey, used))
@@ -116,7 +148,9 @@ public static class MixtralStateDictAdapter
                         "is it a Mixtral checkpoint with the config's layer and expert counts?");
                 }
             }
-            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            // Other ranks' experts (expert parallel) are the model's tensors too, only not this rank's.
+            var whole = HubShapes(model.Config).Select(e => e.Key).ToHashSet(StringComparer.Ordinal);
+            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
             if (unexpected.Length > 0)
                 throw new UserError($"{directory}: the checkpoint has {unexpected.Length} tensor(s) this Mixtral config does not use, e.g. '{unexpected[0]}' in {System.IO.Path.GetFileName(byKey[unexpected[0]].Path)}; check config.json against the weights.");
         }
@@ -225,18 +259,29 @@ public static class MixtralStateDictAdapter
     {
         if (model.Layers.Any(l => l.Moe.Dispatcher.Placement.LocalExperts != model.Config.Experts || l.Moe.Dispatcher.Placement.TensorSize != 1))
             throw new UserError("This rank holds only some experts (expert parallel): a Hugging Face folder needs them all; save a distributed checkpoint instead.");
+        var tensors = Named(model).Select(kv => new PendingTensor(kv.Key, kv.Value.dtype, kv.Value.shape, () => kv.Value)).ToList();
+        WriteFolder(directory, tensors, HubConfig(model.Config, model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32"), maxShardBytes);
+    }
+
+    /// <summary>
+    /// Writes a Hugging Face model folder: <paramref name="tensors"/> (produced one at a time) as model.safetensors, or —
+    /// above <paramref name="maxShardBytes"/> — as shards model-0000i-of-0000N.safetensors with
+    /// model.safetensors.index.json, as transformers' save_pretrained writes them; then config.json.
+    /// </summary>
+    public static void WriteFolder(string directory, IReadOnlyList<PendingTensor> tensors, object config, long maxShardBytes = 5_000_000_000)
+    {
         Directory.CreateDirectory(directory);
-        var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
+        var shards = new List<List<PendingTensor>> { new() };
         long shardBytes = 0, totalBytes = 0;
-        foreach (var kv in Named(model))
+        foreach (var t in tensors)
         {
-            long bytes = kv.Value.NumberOfElements * kv.Value.ElementSize;
+            long bytes = t.Shape.Aggregate(1L, (a, b) => a * b) * SafetensorsFile.ElementBytes(t.Dtype);
             if (shards[^1].Count > 0 && shardBytes + bytes > maxShardBytes)
             {
                 shards.Add(new());
                 shardBytes = 0;
             }
-            shards[^1].Add(kv);
+            shards[^1].Add(t);
             shardBytes += bytes;
             totalBytes += bytes;
         }
@@ -251,7 +296,7 @@ public static class MixtralStateDictAdapter
             {
                 string shard = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
                 SafetensorsFile.Write(System.IO.Path.Combine(directory, shard), shards[i]);
-                foreach (var (key, _) in shards[i]) weightMap[key] = shard;
+                foreach (var t in shards[i]) weightMap[t.Name] = shard;
             }
             var index = new Dictionary<string, object>
             {
@@ -260,38 +305,39 @@ public static class MixtralStateDictAdapter
             };
             WriteJson(System.IO.Path.Combine(directory, "model.safetensors.index.json"), index);
         }
-        var c = model.Config;
-        var config = new Dictionary<string, object?>
-        {
-            ["architectures"] = new[] { "MixtralForCausalLM" },
-            ["model_type"] = "mixtral",
-            ["vocab_size"] = c.VocabSize,
-            ["hidden_size"] = c.HiddenSize,
-            ["intermediate_size"] = c.IntermediateSize,
-            ["num_hidden_layers"] = c.Layers,
-            ["num_attention_heads"] = c.Heads,
-            ["num_key_value_heads"] = c.KeyValueHeads,
-            ["head_dim"] = c.HeadDim,
-            ["num_local_experts"] = c.Experts,
-            ["num_experts_per_tok"] = c.TopK,
-            ["rope_theta"] = c.RopeTheta,
-            ["rms_norm_eps"] = c.RmsNormEps,
-            ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
-            ["max_position_embeddings"] = c.MaxPositionEmbeddings,
-            ["tie_word_embeddings"] = c.TieWordEmbeddings,
-            ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
-            ["sliding_window"] = c.SlidingWindow,
-            ["hidden_act"] = c.HiddenAct,
-            ["attention_dropout"] = c.AttentionDropout,
-            ["router_jitter_noise"] = c.RouterJitterNoise,
-            ["output_router_logits"] = c.OutputRouterLogits,
-            ["initializer_range"] = c.InitializerRange,
-            ["bos_token_id"] = c.BosTokenId,
-            ["eos_token_id"] = c.EosTokenId,
-            ["torch_dtype"] = model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32",
-        };
         WriteJson(System.IO.Path.Combine(directory, "config.json"), config);
     }
+
+    /// <summary>config.json of a Hugging Face Mixtral folder (transformers' field names) for <paramref name="c"/>, saved in <paramref name="torchDtype"/>.</summary>
+    public static Dictionary<string, object?> HubConfig(MixtralConfig c, string torchDtype) => new()
+    {
+        ["architectures"] = new[] { "MixtralForCausalLM" },
+        ["model_type"] = "mixtral",
+        ["vocab_size"] = c.VocabSize,
+        ["hidden_size"] = c.HiddenSize,
+        ["intermediate_size"] = c.IntermediateSize,
+        ["num_hidden_layers"] = c.Layers,
+        ["num_attention_heads"] = c.Heads,
+        ["num_key_value_heads"] = c.KeyValueHeads,
+        ["head_dim"] = c.HeadDim,
+        ["num_local_experts"] = c.Experts,
+        ["num_experts_per_tok"] = c.TopK,
+        ["rope_theta"] = c.RopeTheta,
+        ["rms_norm_eps"] = c.RmsNormEps,
+        ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
+        ["max_position_embeddings"] = c.MaxPositionEmbeddings,
+        ["tie_word_embeddings"] = c.TieWordEmbeddings,
+        ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
+        ["sliding_window"] = c.SlidingWindow,
+        ["hidden_act"] = c.HiddenAct,
+        ["attention_dropout"] = c.AttentionDropout,
+        ["router_jitter_noise"] = c.RouterJitterNoise,
+        ["output_router_logits"] = c.OutputRouterLogits,
+        ["initializer_range"] = c.InitializerRange,
+        ["bos_token_id"] = c.BosTokenId,
+        ["eos_token_id"] = c.EosTokenId,
+        ["torch_dtype"] = torchDtype,
+    };
 
     private static void WriteJson(string path, object value)
     {

@@ -68,7 +68,7 @@ public class PlanCommandTests
         Assert.Equal(new[]
         {
             "--gpus", "--tp", "--pp", "--cp", "--ep", "--etp", "--sequence-parallel", "--order",
-            "--micro-batch-size", "--global-batch-size", "--steps", "--lr", "--seq-length", "--data-path", "--load", "--save", "--seed",
+            "--micro-batch-size", "--global-batch-size", "--steps", "--lr", "--seq-length", "--data-path", "--load", "--save", "--save-interval", "--keep-last", "--seed",
         }, names);
     }
 }

@@ -147,5 +147,8 @@ public static class RuleCases
         yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.Interval",
             ["Checkpoint Interval (100) has nowhere to save"],
             Base with { Checkpoint = new Checkpoint { Interval = 100 } }, Base with { Checkpoint = new Checkpoint { Interval = 100, Save = "ckpt" } });
+        yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.KeepLast",
+            ["Checkpoint KeepLast (0) must be at least 1 (null keeps every checkpoint)"],
+            Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 0 } }, Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 1 } });
     }
 }

@@ -24,7 +24,8 @@ public static class TrainCommand
     /// <param name="MetricsPath">One JSON line per step goes here (rank 0), or nowhere.</param>
     /// <param name="LogEvery">Progress every this many steps when stderr is not a terminal.</param>
     /// <param name="Simulate">Run the recipe's topology on the CPU with in-process ranks (<see cref="SimulationPlan"/>).</param>
-    public sealed record Request(RecipeSettings Settings, string Device, string? MetricsPath, int LogEvery, bool Simulate = false);
+    /// <param name="AllowChanged">Settings a loaded checkpoint may differ in (--allow-changed).</param>
+    public sealed record Request(RecipeSettings Settings, string Device, string? MetricsPath, int LogEvery, bool Simulate = false, IReadOnlyList<string>? AllowChanged = null);
 
     public static int Execute(RecipeSettings settings, string device, string? metricsPath, int logEvery, TextWriter log) =>
         Execute(new Request(settings, device, metricsPath, logEvery), log);
@@ -41,18 +42,17 @@ public static class TrainCommand
         var dev = ComputeDevice.Resolve(r.Device);
         using var source = new IndexedSampleSource(settings, settings.Model.EosTokenId);
         using var metrics = new MetricsWriter(r.MetricsPath);
-        using var trainer = new Trainer(settings, dev, log);
-        log.WriteLine($"training {settings.Name}: {settings.Training.Steps} steps of {settings.Training.GlobalBatchSize} × {settings.Data.SequenceLength} tokens on {r.Device}");
-        var save = settings.Checkpoint;
-        var result = trainer.Run(source, log, metrics, r.LogEvery, step =>
-        {
-            if (save.Save is string dir && save.Interval is int every && step % every == 0 && step != settings.Training.Steps)
-                Save(trainer, dir, step, log);
-        });
-        if (save.Save is string final) Save(trainer, final, settings.Training.Steps, log);
+        using var signals = new StopSignals(log);
+        using var trainer = new Trainer(settings, dev, log, CheckpointLoadOptions.Parse(r.AllowChanged));
+        log.WriteLine($"training {settings.Name}: {Steps(trainer, settings)} of {settings.Training.GlobalBatchSize} × {settings.Data.SequenceLength} tokens on {r.Device}");
+        var checkpoints = new CheckpointSchedule(trainer, signals, log);   // saves (--save, --save-interval, --keep-last) and SIGINT/SIGTERM
+        var result = trainer.Run(source, log, metrics, r.LogEvery, checkpoints.AfterStep);
         Summarise(result, log);
-        return 0;
+        return checkpoints.ExitCode;
     }
+
+    private static string Steps(Trainer trainer, RecipeSettings s) =>
+        trainer.CompletedSteps == 0 ? $"{s.Training.Steps} steps" : $"steps {trainer.CompletedSteps + 1}–{s.Training.Steps} of {s.Training.Steps}";
 
     /// <summary>
     /// <c>train --simulate</c>: the recipe's topology as threads on the CPU (in-process backend), shrunk where the
@@ -74,37 +74,38 @@ public static class TrainCommand
         torch.set_num_threads(1);   // the ranks are the parallelism; one intra-op thread each
         try
         {
+            using var signals = new StopSignals(log);
+            var load = CheckpointLoadOptions.Parse(r.AllowChanged);
             var results = InProcessJob.Run(layout, Timeouts.Collective(s), rank =>
             {
                 using ISampleSource source = plan.SyntheticData
                     ? new SyntheticSampleSource(s.Model.VocabSize, s.Data.SequenceLength, s.Training.Seed)
                     : new IndexedSampleSource(s, s.Model.EosTokenId);
+                var rankLog = rank.Reports ? log : TextWriter.Null;
                 using var metrics = new MetricsWriter(rank.Reports ? r.MetricsPath : null);
-                using var trainer = new Trainer(s, rank, rank.Reports ? log : TextWriter.Null);
-                return trainer.Run(source, rank.Reports ? log : TextWriter.Null, metrics, r.LogEvery);
+                using var trainer = new Trainer(s, rank, rankLog, load);
+                var checkpoints = new CheckpointSchedule(trainer, signals, rankLog);
+                return (Result: trainer.Run(source, rankLog, metrics, r.LogEvery, checkpoints.AfterStep), checkpoints.ExitCode);
             });
-            Summarise(results[0], log);
+            Summarise(results[0].Result, log);
+            return results[0].ExitCode;
         }
         finally
         {
             torch.set_num_threads(threads);
         }
-        return 0;
     }
 
     private static void Summarise(TrainResult result, TextWriter log)
     {
+        if (result.Steps.Count == 0)
+        {
+            log.WriteLine("done: no step left to train.");
+            return;
+        }
         var first = result.Steps.Take(5).Average(m => m.LmLoss);
         var last = result.Steps.TakeLast(5).Average(m => m.LmLoss);
         log.WriteLine(string.Create(CultureInfo.InvariantCulture, $"done: lm_loss {first:F3} (first 5 steps) → {last:F3} (last 5 steps)"));
-    }
-
-    private static void Save(Trainer trainer, string dir, int step, TextWriter log)
-    {
-        string path = Path.Combine(dir, $"iter_{step:D7}");
-        MixtralStateDictAdapter.Save(trainer.Model, path);
-        File.WriteAllText(Path.Combine(dir, "latest_checkpointed_iteration.txt"), step.ToString(CultureInfo.InvariantCulture));
-        log.WriteLine($"saved {path}");
     }
 
     /// <summary>Data.Prefix, Data.Tokenizer and Checkpoint.Load relative to the working directory, else to the recipe's output directory.</summary>

@@ -10,7 +10,8 @@ public static class TrainCommandParser
     {
         var d = new TrainCommandDefinition(recipe);
         d.Command.SetAction(parse => TrainCommand.Execute(new TrainCommand.Request(
-            d.Options.Apply(recipe, parse), parse.GetValue(d.Device)!, parse.GetValue(d.Metrics), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate)), Console.Out));
+            d.Options.Apply(recipe, parse), parse.GetValue(d.Device)!, parse.GetValue(d.Metrics), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate),
+            parse.GetValue(d.AllowChanged) ?? []), Console.Out));
         return d.Command;
     }
 }
