@@ -23,7 +23,7 @@ public static class CheckpointInspector
         var meta = MoeCheckpoint.ReadMetadata(source.Path);
         string where = Path.Combine(source.Path, MoeCheckpoint.MetadataFile);
         var config = MixtralConfig.Parse(JsonSerializer.SerializeToElement(meta.ModelConfig), where + " (model_config)");
-        string saveFolder = source.Path == path ? Path.GetDirectoryName(Path.GetFullPath(path))! : path;
+        string saveFolder = source.Path == path ? Path.GetDirectoryName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(path)))! : path;
         var iterations = MoeCheckpoint.CompleteIterations(saveFolder).Select(c => c.Iteration).ToList();
         int? latest = null;
         try

@@ -98,6 +98,8 @@ public static class CheckpointReader
         if (meta.Optimizer.Step != meta.Iteration)
             throw new UserError($"{Path.Combine(folder, MoeCheckpoint.MetadataFile)}: the optimizer has taken {meta.Optimizer.Step} steps at iteration {meta.Iteration}; the metadata is inconsistent.");
 
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        long bytes = 0;
         using var files = new RankFiles(folder, meta);
         var byKey = meta.Tensors.ToLookup(b => (b.Kind, b.Key));
         using (torch.no_grad())
@@ -108,6 +110,7 @@ public static class CheckpointReader
                 var target = h.Slice(h.Parameter);
                 var geometry = h.Block ?? TensorShard.Whole(target.shape);
                 Fill(target, BlockRange.Whole(geometry), byKey[(TensorBlock.Weight, h.Key)], files, $"weight '{h.Key}'");
+                bytes += target.NumberOfElements * target.ElementSize;
             }
             var shards = trainer.Parameters.ToDictionary(p => p.Name, p => p.Shard, StringComparer.Ordinal);
             foreach (var slice in trainer.Optimizer.StateSlices())
@@ -117,9 +120,12 @@ public static class CheckpointReader
                 var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
                 for (int k = 0; k < states.Length; k++)
                     Fill(states[k], range, byKey[(TensorBlock.OptimizerKinds[k], slice.Entry.Name)], files, $"{TensorBlock.OptimizerKinds[k]} of '{slice.Entry.Name}'");
+                bytes += 3 * 4 * slice.Length;
             }
         }
         trainer.Optimizer.RestoreSteps(meta.Optimizer.Step);
+        if (trainer.Rank.Device.type == DeviceType.CUDA) torch.cuda.synchronize();
+        double seconds = watch.Elapsed.TotalSeconds;
 
         var layout = trainer.Rank.Groups.Layout;
         string now = new CheckpointLayout
@@ -130,7 +136,8 @@ public static class CheckpointReader
         }.Describe();
         string then = meta.Layout.Describe();
         log.WriteLine($"resumed from {folder}: iteration {meta.Iteration} done, {meta.ConsumedSamples} samples consumed; continuing at step {meta.Iteration + 1} of {t.Steps}" +
-            (then == now ? "" : $" (resharded from {then} to {now})"));
+            (then == now ? "" : $" (resharded from {then} to {now})") +
+            string.Create(CultureInfo.InvariantCulture, $"; this rank read {bytes / 1e6:F1} MB in {seconds:F2} s ({bytes / 1e9 / Math.Max(seconds, 1e-9):F2} GB/s)"));
         if (meta.Iteration >= t.Steps) log.WriteLine($"note: the checkpoint is at step {meta.Iteration}, the recipe trains {t.Steps} steps: nothing is left to train.");
         return meta.Iteration;
     }

@@ -142,6 +142,18 @@ public class CheckpointFormatTests : IDisposable
     }
 
     [Fact]
+    public void HuggingFaceFolderOfAnotherModel_NamesEveryDifferentField()
+    {
+        var s = Tiny(Layout(1));   // TinyMixtral: vocabulary 1000, FFN 128, 4096 positions, aux coefficient 0.02
+        var e = LoadFails(s, TestPaths.Fixture("mixtral-tiny"));
+        Assert.Contains("describes another model than the recipe's Tiny Mixtral: vocab_size 512 ≠ Model.VocabSize 1000, intermediate_size 96 ≠ Model.IntermediateSize 128", e.Message);
+        var fixture = s with { Model = FixtureModel with { MaxPositionEmbeddings = 4096 } };
+        e = LoadFails(fixture, TestPaths.Fixture("mixtral-tiny"));
+        Assert.Contains("max_position_embeddings 256 ≠ Model.MaxPositionEmbeddings 4096", e.Message);
+        Assert.Contains("--allow-changed Model.MaxPositionEmbeddings", e.Message);
+    }
+
+    [Fact]
     public void HubShapes_AreTheHubTensorsOfAWholeModel()
     {
         var config = MixtralConfig.Load(Path.Combine(TestPaths.Fixture("mixtral-tiny"), "config.json"));

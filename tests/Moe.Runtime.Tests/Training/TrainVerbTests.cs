@@ -58,14 +58,26 @@ public class TrainVerbTests : IDisposable
         Assert.Contains($"resumed from {Path.Combine(save, "iter_0000010")}: iteration 10 done", output);
         Assert.Contains("done: no step left to train.", output);
 
-        // Exported to a Hugging Face folder, it loads as weights only, and the run says so.
+        // Exported to a Hugging Face folder (CheckpointFormatTests checks the folder itself).
         string hf = Path.Combine(_dir, "hf");
         var export = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["checkpoint", "export", save, "--hf", hf]));
         Assert.True(export.Exit == 0, export.Out + export.Err);
-        (exit, output, err) = Train([.. small, "--steps", "10", "--load", hf, "--metrics", Path.Combine(_dir, "hf.jsonl")]);
+        Assert.Contains($"exported {Path.Combine(save, "iter_0000010")} (iteration 10) to {hf}", export.Out);
+    }
+
+    [Fact]
+    public void Simulate_SavesEveryRanksShards_AndResumesExactly()
+    {
+        string save = Path.Combine(_dir, "sim");
+        string full = Path.Combine(_dir, "sim-full.jsonl"), resumed = Path.Combine(_dir, "sim-resumed.jsonl");
+        string[] layout = ["--simulate", "--gpus", "2", "--ep", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--steps", "10"];
+        var (exit, output, err) = Train([.. layout, "--save", save, "--save-interval", "5", "--metrics", full]);
         Assert.True(exit == 0, output + err);
-        Assert.Contains("weights only", output);
-        Assert.Equal(1, Steps(Path.Combine(_dir, "hf.jsonl"))[0].Step);
+        Assert.Equal(["rank_00000.safetensors", "rank_00001.safetensors"],
+            Directory.GetFiles(Path.Combine(save, "iter_0000005"), "rank_*").Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        (exit, output, err) = Train([.. layout, "--load", Path.Combine(save, "iter_0000005"), "--metrics", resumed]);
+        Assert.True(exit == 0, output + err);
+        Assert.Equal(Steps(full)[5..], Steps(resumed));
     }
 
     [Fact]
