@@ -26,6 +26,21 @@ echo "== 1. fp32, one GPU: save at 5, resume" | tee $OUT/checkpoint.log
 $C tiny-fp32 train --device cuda --steps 10 --save $D/one --save-interval 5 --log-every 1 --metrics $OUT/one_full.jsonl 2>&1 | tee -a $OUT/checkpoint.log
 $C tiny-fp32 train --device cuda --steps 10 --load $D/one/iter_0000005 --log-every 1 --metrics $OUT/one_resumed.jsonl 2>&1 | tee -a $OUT/checkpoint.log
 compare $OUT/one_full.jsonl $OUT/one_resumed.jsonl 1e-5 | tee -a $OUT/checkpoint.log
+# The export must load in transformers (when the host has it) with the same weights.
+$C tiny-fp32 checkpoint export $D/one --hf $D/one_hf 2>&1 | tee -a $OUT/checkpoint.log
+python3 - $D/one_hf <<'PY' 2>&1 | tee -a $OUT/checkpoint.log
+import sys
+try:
+    import transformers, torch
+    from safetensors.torch import load_file
+except ImportError as e:
+    print(f"transformers check skipped: {e}"); sys.exit(0)
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+ours = load_file(f"{sys.argv[1]}/model.safetensors")
+sd = m.state_dict()
+same = all(torch.equal(sd[k], v) for k, v in ours.items() if k in sd)
+print(f"transformers {transformers.__version__} loaded {sys.argv[1]}: {sum(p.numel() for p in m.parameters())} parameters; per-expert tensors equal where names match: {same}")
+PY
 
 echo "== 2. fp32, EP 2 on two GPUs: save at 5; resume at EP 2 and on one GPU" | tee -a $OUT/checkpoint.log
 $C tiny-fp32 train --device cuda --gpus 2 --ep 2 --steps 10 --save $D/ep2 --save-interval 5 --log-every 1 --metrics $OUT/ep2_full.jsonl 2>&1 | tee -a $OUT/checkpoint.log

@@ -16,8 +16,9 @@ public sealed record Checkpoint
     public int? Interval { get; init; }
 
     /// <summary>
-    /// Keep only the newest this many checkpoints of the run in <see cref="Save"/>, deleting older ones after each
-    /// complete save; null keeps all. Megatron has none (its users prune by hand); torchtitan: <c>checkpoint.keep_latest_k</c>.
+    /// After each complete save, keep only the newest this many checkpoints in <see cref="Save"/> up to the one just saved
+    /// (newer ones, left by another run, are never deleted); null keeps all. Megatron has none (its users prune by hand);
+    /// torchtitan: <c>checkpoint.keep_latest_k</c>.
     /// </summary>
     public int? KeepLast { get; init; }
 }
