@@ -236,13 +236,13 @@ public class RouterSettingsTests
             using var model = MixtralModel.Random(config, 5, ScalarType.Float32, CPU, withBias);
             using (torch.no_grad())
                 for (int l = 0; l < config.Layers; l++) model.Layers[l].Moe.ExpertBias!.BiasE.copy_(torch.tensor(new float[] { l, -l, 0.5f, -0.25f }));
-            Checkpoints.MixtralStateDictAdapter.Save(model, dir);
+            Moe.Runtime.Checkpoints.MixtralStateDictAdapter.Save(model, dir);
 
-            using var loaded = Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU, withBias);
+            using var loaded = Moe.Runtime.Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU, withBias);
             for (int l = 0; l < config.Layers; l++)
                 Assert.Equal(new[] { l, -l, 0.5, -0.25 }, D(loaded.Layers[l].Moe.ExpertBias!.BiasE));
 
-            var e = Assert.Throws<UserError>(() => Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU));
+            var e = Assert.Throws<UserError>(() => Moe.Runtime.Checkpoints.MixtralStateDictAdapter.LoadModel(dir, ScalarType.Float32, CPU));
             Assert.Contains("model.layers.0.block_sparse_moe.gate.e_score_correction_bias", e.Message);
             Assert.Contains("EnableExpertBias = true", e.Message);
         }

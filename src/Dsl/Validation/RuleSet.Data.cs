@@ -100,16 +100,9 @@ public static partial class RuleSet
             : None);
 
         // MOE0210 (Moe).
-        var interval = D(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint interval must be positive and needs Save", DataCat, "Moe",
-            "Checkpoint.Interval", "Checkpoint.Save");
-        yield return new Rule(interval, (s, _) =>
-        {
-            var c = s.Checkpoint;
-            if (c.Interval is not int i) return None;
-            if (i < 1) return One(interval, $"Checkpoint Interval ({F(i)}) must be at least 1 step", null, "Checkpoint.Interval");
-            if (c.Save is null) return One(interval, $"Checkpoint Interval ({F(i)}) has nowhere to save: set Save to a directory", null, "Checkpoint.Interval", "Checkpoint.Save");
-            return None;
-        });
+        var interval = D(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint interval and KeepLast must be positive and need Save", DataCat, "Moe",
+            "Checkpoint.Interval", "Checkpoint.KeepLast", "Checkpoint.Save");
+        yield return new Rule(interval, (s, _) => CheckpointFindings(interval, s.Checkpoint));
 
         // MOE0211 (Moe): health bounds that are out of range, would fire on healthy routing, or can never fire.
         var health = D(DiagnosticIds.HealthSettingInvalid, "Health bounds must be in range and able to fire", DataCat, "Moe",
@@ -131,6 +124,20 @@ public static partial class RuleSet
             return One(warmup, $"WarmupSteps ({F(t.WarmupSteps)}) exceeds Steps ({F(t.Steps)}): the warm-up is capped at {F(t.Steps)} steps, so the learning rate reaches its peak only at the last step",
                 SetFix("Training.WarmupSteps", t.Steps), "Training.WarmupSteps");
         });
+    }
+
+    private static IEnumerable<Finding> CheckpointFindings(RuleDescriptor d, Checkpoint c)
+    {
+        if (c.Interval is int i)
+        {
+            if (i < 1) yield return new Finding(d, $"Checkpoint Interval ({F(i)}) must be at least 1 step", new[] { "Checkpoint.Interval" });
+            else if (c.Save is null) yield return new Finding(d, $"Checkpoint Interval ({F(i)}) has nowhere to save: set Save to a directory", new[] { "Checkpoint.Interval", "Checkpoint.Save" });
+        }
+        if (c.KeepLast is int k)
+        {
+            if (k < 1) yield return new Finding(d, $"Checkpoint KeepLast ({F(k)}) must be at least 1 (null keeps every checkpoint)", new[] { "Checkpoint.KeepLast" });
+            else if (c.Save is null) yield return new Finding(d, $"Checkpoint KeepLast ({F(k)}) has no checkpoints to keep: set Save to a directory", new[] { "Checkpoint.KeepLast", "Checkpoint.Save" });
+        }
     }
 
     private static IEnumerable<Finding> HealthFindings(RuleDescriptor d, RecipeSettings s)

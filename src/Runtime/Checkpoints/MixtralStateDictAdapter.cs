@@ -11,9 +11,27 @@ namespace Moe.Runtime.Checkpoints;
 /// <param name="Key">Hub key, e.g. model.layers.0.block_sparse_moe.experts.3.w1.weight.</param>
 /// <param name="Parameter">The model parameter holding it.</param>
 /// <param name="Slice">Selects the tensor from the parameter (or its gradient).</param>
-/// <param name="Block">Selects, from the whole hub tensor, the block this rank holds, shaped like <paramref name="Slice"/>'s result (null: the whole tensor, same shape).</param>
-/// <param name="HubShape">The hub shape of this rank's block when <paramref name="Slice"/> gives another view of it (q/k/v in the grouped layout); null when it is the same.</param>
-public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, Func<Tensor, Tensor>? Block = null, long[]? HubShape = null);
+/// <param name="Block">The block of the whole hub tensor this rank holds (null: the whole tensor), in the hub tensor's shape; its geometry lets a checkpoint record and reshard it.</param>
+/// <param name="HubShape">
+/// The hub shape of this rank's block when <paramref name="Slice"/> gives another view of the same elements (q/k/v
+/// live in Megatron's grouped layout, where a hub tensor's rows are a [groups, heads, d, H] view); null when it is
+/// the slice's own shape.
+/// </param>
+public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Parameter, Func<Tensor, Tensor> Slice, TensorShard? Block = null, long[]? HubShape = null)
+{
+    /// <summary>Whether this rank holds only part of the hub tensor.</summary>
+    public bool IsPartial => Block is { IsWhole: false };
+
+    /// <summary>The shape this rank's block has in the hub tensor's layout.</summary>
+    public long[] BlockShape => HubShape ?? Block?.LocalShape ?? Slice(Parameter).shape;
+
+    /// <summary>This rank's block of <paramref name="source"/> (the parameter or its gradient), in the hub tensor's shape (a copy when the view cannot be reshaped).</summary>
+    public Tensor Read(Tensor source)
+    {
+        var view = Slice(source);
+        return HubShape is null ? view : view.reshape(HubShape);
+    }
+}
 
 /// <summary>
 /// Maps Hugging Face Mixtral checkpoints (hub key names) to our grouped expert tensors and back
@@ -37,8 +55,9 @@ public static class MixtralStateDictAdapter
             string p = $"model.layers.{l}.";
             var place = layer.Moe.Dispatcher.Placement;
             long slice = c.IntermediateSize / place.TensorSize, at = place.TensorRank * slice;
-            Func<Tensor, Tensor>? rows = place.TensorSize == 1 ? null : t => t.narrow(0, at, slice);
-            Func<Tensor, Tensor>? columns = place.TensorSize == 1 ? null : t => t.narrow(1, at, slice);
+            // Expert tensor parallel: rows [at, at + slice) of w1 and w3 [I, H], the same columns of w2 [H, I].
+            TensorShard? rows = place.TensorSize == 1 ? null : new TensorShard([c.IntermediateSize, c.HiddenSize], [slice, c.HiddenSize], [at, 0]);
+            TensorShard? columns = place.TensorSize == 1 ? null : new TensorShard([c.HiddenSize, c.IntermediateSize], [c.HiddenSize, slice], [0, at]);
             for (int e = place.FirstExpert; e < place.FirstExpert + place.LocalExperts; e++)
             {
                 int j = e - place.FirstExpert;
@@ -50,19 +69,51 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "block_sparse_moe.gate.weight", layer.Moe.Gate, t => t));
             list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
             list.Add(new(p + "post_attention_layernorm.weight", layer.PostAttentionNorm, t => t));
-            // q/k/v live in Megatron's grouped layout [g, r + 2, d, H]; each hub tensor is a view of it, and the hub
-            // tensor's rows for this rank's groups are viewed the same way.
+            // q/k/v live in Megatron's grouped layout [g, r + 2, d, H]: each hub tensor is a view of it, and under tensor
+            // parallelism this rank's block of a hub tensor is its g groups' rows (o_proj: the same heads' columns).
             var a = layer.SelfAttention;
             int g = a.Groups, r = a.QueryHeadsPerGroup, d = a.HeadDim;
-            long firstGroup = (long)model.TensorRank * g;
-            Func<Tensor, Tensor> Rows(int heads) => hub => hub.view(-1, heads, d, hub.shape[^1]).narrow(0, firstGroup, g);
-            long h = c.HiddenSize;
+            long firstGroup = (long)model.TensorRank * g, h = c.HiddenSize, groups = c.KeyValueHeads;
+            bool split = model.TensorSize > 1;
+            TensorShard? Rows(int heads) => split ? new TensorShard([groups * heads * d, h], [(long)g * heads * d, h], [firstGroup * heads * d, 0]) : null;
+            TensorShard? heads = split ? new TensorShard([h, groups * r * d], [h, (long)g * r * d], [0, firstGroup * r * d]) : null;
             list.Add(new(p + "self_attn.k_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r, 1), Rows(1), [(long)g * d, h]));
-            list.Add(new(p + "self_attn.o_proj.weight", a.O, t => t, model.TensorSize == 1 ? null : hub => hub.narrow(1, firstGroup * r * d, (long)g * r * d)));
+            list.Add(new(p + "self_attn.o_proj.weight", a.O, t => t, heads));
             list.Add(new(p + "self_attn.q_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, 0, r), Rows(r), [(long)g * r * d, h]));
             list.Add(new(p + "self_attn.v_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r + 1, 1), Rows(1), [(long)g * d, h]));
         }
         list.Add(new("model.norm.weight", model.FinalNorm, t => t));
+        return list;
+    }
+
+    /// <summary>
+    /// Every hub tensor of the whole model (all experts, whole FFNs) with its shape, in <see cref="HubTensors"/>' order:
+    /// what a checkpoint of any layout must hold, and what an export writes. Kept beside <see cref="HubTensors"/>, whose
+    /// names and shapes it repeats (a test holds the two equal for a one-device model).
+    /// </summary>
+    public static IReadOnlyList<(string Key, long[] Shape)> HubShapes(MixtralConfig c)
+    {
+        long v = c.VocabSize, h = c.HiddenSize, ffn = c.IntermediateSize, d = c.HeadDim;
+        var list = new List<(string, long[])> { ("lm_head.weight", [v, h]), ("model.embed_tokens.weight", [v, h]) };
+        for (int l = 0; l < c.Layers; l++)
+        {
+            string p = $"model.layers.{l}.";
+            for (int e = 0; e < c.Experts; e++)
+            {
+                string ep = $"{p}block_sparse_moe.experts.{e}.";
+                list.Add((ep + "w1.weight", [ffn, h]));
+                list.Add((ep + "w2.weight", [h, ffn]));
+                list.Add((ep + "w3.weight", [ffn, h]));
+            }
+            list.Add((p + "block_sparse_moe.gate.weight", [c.Experts, h]));
+            list.Add((p + "input_layernorm.weight", [h]));
+            list.Add((p + "post_attention_layernorm.weight", [h]));
+            list.Add((p + "self_attn.k_proj.weight", [c.KeyValueHeads * d, h]));
+            list.Add((p + "self_attn.o_proj.weight", [h, c.Heads * d]));
+            list.Add((p + "self_attn.q_proj.weight", [c.Heads * d, h]));
+            list.Add((p + "self_attn.v_proj.weight", [c.KeyValueHeads * d, h]));
+        }
+        list.Add(("model.norm.weight", [h]));
         return list;
     }
 
@@ -110,7 +161,7 @@ public static class MixtralStateDictAdapter
                 var target = h.Slice(h.Parameter);
                 if (byKey.TryGetValue(h.Key, out var file))
                 {
-                    CopyInto(target, file, h.Key, h.Block);
+                    CopyInto(target, file, h.Key, h.Block, h.HubShape);
                     used.Add(h.Key);
                 }
                 else if (!LoadFused(model, h, byKey, used))
@@ -126,7 +177,9 @@ public static class MixtralStateDictAdapter
                 CopyInto(layer.Moe.ExpertBias!.BiasE, file, key);
                 used.Add(key);
             }
-            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            // Other ranks' experts (expert parallel) are the model's tensors too, only not this rank's.
+            var whole = HubShapes(model.Config).Select(e => e.Key).ToHashSet(StringComparer.Ordinal);
+            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
             if (unexpected.FirstOrDefault(k => k.EndsWith(ExpertBiasSuffix, StringComparison.Ordinal)) is string bias)
                 throw new UserError($"{directory}: the checkpoint holds an aux-loss-free expert bias ('{bias}' in {System.IO.Path.GetFileName(byKey[bias].Path)}) that this model would ignore; " +
                     "load it with Router.EnableExpertBias = true and ScoreFunction = Sigmoid, as it was trained.");
@@ -138,16 +191,6 @@ public static class MixtralStateDictAdapter
             foreach (var f in files.Distinct()) f.Dispose();
         }
     }
-
-    private const string ExpertBiasSuffix = "block_sparse_moe.gate.e_score_correction_bias";
-
-    /// <summary>
-    /// Hub keys of the aux-loss-free expert bias of every layer that has one (Router.EnableExpertBias): a routing
-    /// buffer, not a parameter, saved under DeepSeek-V3's Hugging Face name (gate.e_score_correction_bias) so a
-    /// trained model keeps the routing it learned. Not in <see cref="HubTensors"/>: it has no gradient.
-    /// </summary>
-    public static IEnumerable<(string Key, DecoderLayer Layer)> ExpertBiasKeys(MixtralModel model) =>
-        model.Layers.Select((layer, l) => ($"model.layers.{l}.{ExpertBiasSuffix}", layer)).Where(x => x.layer.Moe.ExpertBias is not null);
 
     /// <summary>transformers 5 names: mlp.gate.weight, mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I].</summary>
     private static bool LoadFused(MixtralModel model, HubTensor h, Dictionary<string, SafetensorsFile> byKey, HashSet<string> used)
@@ -168,23 +211,47 @@ public static class MixtralStateDictAdapter
         if (used.Add(fused))
         {
             // This rank's experts, and its FFN slice of each, as the model's parameter shard says.
+            // The fused tensor is [E, 2I, H] (gate_up) or [E, H, I] (down); the shard views gate_up as [E, 2, I, H].
             var weight = parts[6] == "w2" ? layer.Moe.ExpertWeights.Down : layer.Moe.ExpertWeights.GateUp;
             var shard = model.ParametersInForwardOrder().Single(p => ReferenceEquals(p.Parameter, weight)).Shard;
-            CopyInto(weight, f, fused, shard.IsWhole ? null : t => shard.Slice(t).reshape(weight.shape));
+            var c = model.Config;
+            long[] fusedShape = parts[6] == "w2" ? [c.Experts, c.HiddenSize, c.IntermediateSize] : [c.Experts, 2L * c.IntermediateSize, c.HiddenSize];
+            var entry = f.Entry(fused);
+            if (!entry.Shape.SequenceEqual(fusedShape))
+                throw new UserError($"{f.Path}: tensor '{fused}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", fusedShape)}] from config.json.");
+            using var source = f.Map(fused);
+            using var mine = shard.Slice(source);   // the shard's view ([E, 2, I, H] for gate_up) of the mapped tensor
+            weight.copy_(mine.reshape(weight.shape));
         }
         return true;
     }
 
-    private static void CopyInto(Tensor target, SafetensorsFile file, string key, Func<Tensor, Tensor>? block = null)
+    private const string ExpertBiasSuffix = "block_sparse_moe.gate.e_score_correction_bias";
+
+    /// <summary>
+    /// Hub keys of the aux-loss-free expert bias of every layer that has one (Router.EnableExpertBias): a routing
+    /// buffer, not a parameter, saved under DeepSeek-V3's Hugging Face name (gate.e_score_correction_bias) so a
+    /// trained model keeps the routing it learned. Not in <see cref="HubTensors"/>: it has no gradient.
+    /// </summary>
+    public static IEnumerable<(string Key, DecoderLayer Layer)> ExpertBiasKeys(MixtralModel model) =>
+        model.Layers.Select((layer, l) => ($"model.layers.{l}.{ExpertBiasSuffix}", layer)).Where(x => x.layer.Moe.ExpertBias is not null);
+
+    /// <summary>
+    /// Copies this rank's block (<paramref name="block"/>, null for the whole tensor) of tensor <paramref name="key"/>
+    /// into <paramref name="target"/>, reshaped from the hub block shape (<paramref name="hubShape"/>) when the target is
+    /// another view of the same elements. The file's shape is checked first: a mismatch names both shapes.
+    /// </summary>
+    private static void CopyInto(Tensor target, SafetensorsFile file, string key, TensorShard? block = null, long[]? hubShape = null)
     {
         var entry = file.Entry(key);
+        long[] expected = block?.GlobalShape ?? hubShape ?? target.shape;
+        if (!entry.Shape.SequenceEqual(expected))
+            throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", expected)}] from config.json.");
         using var source = file.Map(key);   // zero-copy view of the mapped bytes; copy_ converts dtype and device
-        using var mine = block is null ? source.alias() : block(source);   // this rank's block, still a view of the file
-        if (!mine.shape.SequenceEqual(target.shape))
-            throw new UserError($"{file.Path}: tensor '{key}' has shape [{string.Join(", ", entry.Shape)}] but the model expects [{string.Join(", ", target.shape)}]{(block is null ? "" : " for this rank's block")} from config.json.");
         if (!source.is_floating_point())
             throw new UserError($"{file.Path}: tensor '{key}' is {entry.Dtype}; weights must be floating point.");
-        target.copy_(mine);
+        using var mine = block is null ? source.alias() : block.Slice(source);   // this rank's block, still a view of the file
+        target.copy_(hubShape is null ? mine : mine.reshape(target.shape));
     }
 
     private static List<SafetensorsFile> OpenCheckpoint(string directory)
@@ -231,8 +298,7 @@ public static class MixtralStateDictAdapter
         HubTensors(model).Select(h =>
         {
             var source = gradients ? h.Parameter.grad ?? torch.zeros_like(h.Parameter) : (Tensor)h.Parameter;
-            var tensor = h.Slice(source.detach());
-            return new KeyValuePair<string, Tensor>(h.Key, h.HubShape is null ? tensor : tensor.reshape(h.HubShape));
+            return new KeyValuePair<string, Tensor>(h.Key, h.Read(source.detach()));
         });
 
     /// <summary>
@@ -241,7 +307,6 @@ public static class MixtralStateDictAdapter
     /// model-0000i-of-0000N.safetensors and model.safetensors.index.json (<c>metadata.total_size</c>,
     /// <c>weight_map</c>), as transformers' save_pretrained writes them. Tensors keep the model's dtype and are
     /// copied to the CPU one at a time; every file is written to a temporary name and renamed when complete.
-    /// Layers with an aux-loss-free expert bias add it in fp32 (<see cref="ExpertBiasKeys"/>).
     /// </summary>
     /// <param name="model">The model to save.</param>
     /// <param name="directory">Created if absent; existing files of the same names are replaced.</param>
@@ -250,19 +315,30 @@ public static class MixtralStateDictAdapter
     {
         if (model.Layers.Any(l => l.Moe.Dispatcher.Placement.LocalExperts != model.Config.Experts || l.Moe.Dispatcher.Placement.TensorSize != 1))
             throw new UserError("This rank holds only some experts (expert parallel): a Hugging Face folder needs them all; save a distributed checkpoint instead.");
-        Directory.CreateDirectory(directory);
-        var shards = new List<List<KeyValuePair<string, Tensor>>> { new() };
-        long shardBytes = 0, totalBytes = 0;
         var named = Named(model).Concat(ExpertBiasKeys(model).Select(b => new KeyValuePair<string, Tensor>(b.Key, b.Layer.Moe.ExpertBias!.BiasE)));
-        foreach (var kv in named)
+        var tensors = named.Select(kv => new PendingTensor(kv.Key, kv.Value.dtype, kv.Value.shape, () => kv.Value)).ToList();
+        WriteFolder(directory, tensors, HubConfig(model.Config, model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32"), maxShardBytes);
+    }
+
+    /// <summary>
+    /// Writes a Hugging Face model folder: <paramref name="tensors"/> (produced one at a time) as model.safetensors, or —
+    /// above <paramref name="maxShardBytes"/> — as shards model-0000i-of-0000N.safetensors with
+    /// model.safetensors.index.json, as transformers' save_pretrained writes them; then config.json.
+    /// </summary>
+    public static void WriteFolder(string directory, IReadOnlyList<PendingTensor> tensors, object config, long maxShardBytes = 5_000_000_000)
+    {
+        Directory.CreateDirectory(directory);
+        var shards = new List<List<PendingTensor>> { new() };
+        long shardBytes = 0, totalBytes = 0;
+        foreach (var t in tensors)
         {
-            long bytes = kv.Value.NumberOfElements * kv.Value.ElementSize;
+            long bytes = t.Shape.Aggregate(1L, (a, b) => a * b) * SafetensorsFile.ElementBytes(t.Dtype);
             if (shards[^1].Count > 0 && shardBytes + bytes > maxShardBytes)
             {
                 shards.Add(new());
                 shardBytes = 0;
             }
-            shards[^1].Add(kv);
+            shards[^1].Add(t);
             shardBytes += bytes;
             totalBytes += bytes;
         }
@@ -277,7 +353,7 @@ public static class MixtralStateDictAdapter
             {
                 string shard = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
                 SafetensorsFile.Write(System.IO.Path.Combine(directory, shard), shards[i]);
-                foreach (var (key, _) in shards[i]) weightMap[key] = shard;
+                foreach (var t in shards[i]) weightMap[t.Name] = shard;
             }
             var index = new Dictionary<string, object>
             {
@@ -286,38 +362,39 @@ public static class MixtralStateDictAdapter
             };
             WriteJson(System.IO.Path.Combine(directory, "model.safetensors.index.json"), index);
         }
-        var c = model.Config;
-        var config = new Dictionary<string, object?>
-        {
-            ["architectures"] = new[] { "MixtralForCausalLM" },
-            ["model_type"] = "mixtral",
-            ["vocab_size"] = c.VocabSize,
-            ["hidden_size"] = c.HiddenSize,
-            ["intermediate_size"] = c.IntermediateSize,
-            ["num_hidden_layers"] = c.Layers,
-            ["num_attention_heads"] = c.Heads,
-            ["num_key_value_heads"] = c.KeyValueHeads,
-            ["head_dim"] = c.HeadDim,
-            ["num_local_experts"] = c.Experts,
-            ["num_experts_per_tok"] = c.TopK,
-            ["rope_theta"] = c.RopeTheta,
-            ["rms_norm_eps"] = c.RmsNormEps,
-            ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
-            ["max_position_embeddings"] = c.MaxPositionEmbeddings,
-            ["tie_word_embeddings"] = c.TieWordEmbeddings,
-            ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
-            ["sliding_window"] = c.SlidingWindow,
-            ["hidden_act"] = c.HiddenAct,
-            ["attention_dropout"] = c.AttentionDropout,
-            ["router_jitter_noise"] = c.RouterJitterNoise,
-            ["output_router_logits"] = c.OutputRouterLogits,
-            ["initializer_range"] = c.InitializerRange,
-            ["bos_token_id"] = c.BosTokenId,
-            ["eos_token_id"] = c.EosTokenId,
-            ["torch_dtype"] = model.Dtype == ScalarType.BFloat16 ? "bfloat16" : "float32",
-        };
         WriteJson(System.IO.Path.Combine(directory, "config.json"), config);
     }
+
+    /// <summary>config.json of a Hugging Face Mixtral folder (transformers' field names) for <paramref name="c"/>, saved in <paramref name="torchDtype"/>.</summary>
+    public static Dictionary<string, object?> HubConfig(MixtralConfig c, string torchDtype) => new()
+    {
+        ["architectures"] = new[] { "MixtralForCausalLM" },
+        ["model_type"] = "mixtral",
+        ["vocab_size"] = c.VocabSize,
+        ["hidden_size"] = c.HiddenSize,
+        ["intermediate_size"] = c.IntermediateSize,
+        ["num_hidden_layers"] = c.Layers,
+        ["num_attention_heads"] = c.Heads,
+        ["num_key_value_heads"] = c.KeyValueHeads,
+        ["head_dim"] = c.HeadDim,
+        ["num_local_experts"] = c.Experts,
+        ["num_experts_per_tok"] = c.TopK,
+        ["rope_theta"] = c.RopeTheta,
+        ["rms_norm_eps"] = c.RmsNormEps,
+        ["router_aux_loss_coef"] = c.RouterAuxLossCoef,
+        ["max_position_embeddings"] = c.MaxPositionEmbeddings,
+        ["tie_word_embeddings"] = c.TieWordEmbeddings,
+        ["rope_parameters"] = new Dictionary<string, object> { ["rope_theta"] = c.RopeTheta, ["rope_type"] = "default" },
+        ["sliding_window"] = c.SlidingWindow,
+        ["hidden_act"] = c.HiddenAct,
+        ["attention_dropout"] = c.AttentionDropout,
+        ["router_jitter_noise"] = c.RouterJitterNoise,
+        ["output_router_logits"] = c.OutputRouterLogits,
+        ["initializer_range"] = c.InitializerRange,
+        ["bos_token_id"] = c.BosTokenId,
+        ["eos_token_id"] = c.EosTokenId,
+        ["torch_dtype"] = torchDtype,
+    };
 
     private static void WriteJson(string path, object value)
     {

@@ -15,6 +15,13 @@ public sealed record SafetensorsEntry(string Name, string Dtype, long[] Shape, l
     public long Elements => Shape.Aggregate(1L, (a, b) => a * b);
 }
 
+/// <summary>A tensor to write: declared up front (the header comes first), produced only when its bytes are due.</summary>
+/// <param name="Name">Its name in the file.</param>
+/// <param name="Dtype">Its dtype in the file.</param>
+/// <param name="Shape">Its shape in the file.</param>
+/// <param name="Produce">Makes the tensor (any device, any layout); what it creates is disposed once written.</param>
+public sealed record PendingTensor(string Name, ScalarType Dtype, long[] Shape, Func<Tensor> Produce);
+
 /// <summary>
 /// A safetensors file read lazily: the header is parsed on open and the file is memory-mapped;
 /// <see cref="Map"/> wraps a tensor's bytes in place (zero-copy, the page cache is the only copy) and
@@ -34,14 +41,18 @@ public sealed class SafetensorsFile : IDisposable
 
     public IReadOnlyDictionary<string, SafetensorsEntry> Entries { get; }
 
+    /// <summary>The header's <c>__metadata__</c>: free-form strings (transformers writes {"format": "pt"}; Moe checkpoints add their block geometry).</summary>
+    public IReadOnlyDictionary<string, string> Metadata { get; }
+
     private SafetensorsFile(string path, MemoryMappedFile map, MemoryMappedViewAccessor view, long dataStart,
-        Dictionary<string, SafetensorsEntry> entries)
+        Dictionary<string, SafetensorsEntry> entries, Dictionary<string, string> metadata)
     {
         Path = path;
         _map = map;
         _view = view;
         _dataStart = dataStart;
         Entries = entries;
+        Metadata = metadata;
     }
 
     public static SafetensorsFile Open(string path)
@@ -67,6 +78,7 @@ public sealed class SafetensorsFile : IDisposable
         long dataStart = 8 + (long)headerLength;
         long dataLength = length - dataStart;
         var entries = new Dictionary<string, SafetensorsEntry>(StringComparer.Ordinal);
+        var metadata = new Dictionary<string, string>(StringComparer.Ordinal);
         JsonDocument doc;
         try
         {
@@ -80,7 +92,12 @@ public sealed class SafetensorsFile : IDisposable
         {
             foreach (var p in doc.RootElement.EnumerateObject())
             {
-                if (p.Name == "__metadata__") continue;   // free-form strings (transformers writes {"format": "pt"})
+                if (p.Name == "__metadata__")
+                {
+                    if (p.Value.ValueKind == JsonValueKind.Object)
+                        foreach (var m in p.Value.EnumerateObject().Where(m => m.Value.ValueKind == JsonValueKind.String)) metadata[m.Name] = m.Value.GetString()!;
+                    continue;
+                }
                 try
                 {
                     string dtype = p.Value.GetProperty("dtype").GetString()!;
@@ -102,7 +119,7 @@ public sealed class SafetensorsFile : IDisposable
         }
         var map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
         var view = map.CreateViewAccessor(0, length, MemoryMappedFileAccess.Read);
-        return new SafetensorsFile(path, map, view, dataStart, entries);
+        return new SafetensorsFile(path, map, view, dataStart, entries, metadata);
     }
 
     /// <summary>The entry named <paramref name="name"/>; a UserError naming the file when absent.</summary>
@@ -222,6 +239,9 @@ public sealed class SafetensorsFile : IDisposable
         _ => throw new ArgumentException($"safetensors has no dtype for {t}"),
     };
 
+    /// <summary>Bytes per element of a dtype safetensors stores.</summary>
+    internal static long ElementBytes(ScalarType t) => ElementSize(DtypeName(t), "", "");
+
     private static long ElementSize(string dtype, string path, string name) => dtype switch
     {
         "F64" or "I64" => 8,
@@ -236,36 +256,47 @@ public sealed class SafetensorsFile : IDisposable
     /// <c>__metadata__ {"format":"pt"}</c> and an 8-byte-aligned header, into a temporary file that is
     /// renamed over <paramref name="path"/> only when complete.
     /// </summary>
-    public static void Write(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors)
+    public static void Write(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors) =>
+        Write(path, tensors.Select(kv => new PendingTensor(kv.Key, kv.Value.dtype, kv.Value.shape, () => kv.Value)).ToList());
+
+    /// <summary>
+    /// Writes <paramref name="tensors"/> as a safetensors file — each produced, copied to the CPU in pieces of at most
+    /// 64 MiB and written before the next is produced, so host memory stays small — into a temporary file beside
+    /// <paramref name="path"/> that is flushed to disk (fsync) and renamed over it only when complete; on any error the
+    /// temporary file is removed and the error rethrown. <paramref name="metadata"/> joins <c>"format": "pt"</c> in
+    /// <c>__metadata__</c>. <paramref name="create"/> opens the temporary file (a seam for tests that fail writes).
+    /// </summary>
+    public static void Write(string path, IReadOnlyList<PendingTensor> tensors, IReadOnlyDictionary<string, string>? metadata = null,
+        Func<string, Stream>? create = null)
     {
-        var list = tensors.ToList();
-        var header = new StringBuilder("{\"__metadata__\":{\"format\":\"pt\"}");
+        var header = new StringBuilder("{\"__metadata__\":{\"format\":\"pt\"");
+        foreach (var (key, value) in metadata ?? new Dictionary<string, string>())
+            if (key != "format") header.Append(',').Append(JsonSerializer.Serialize(key)).Append(':').Append(JsonSerializer.Serialize(value));
+        header.Append('}');
         long offset = 0;
-        foreach (var (name, t) in list)
+        foreach (var t in tensors)
         {
-            long bytes = t.NumberOfElements * t.ElementSize;
-            header.Append(',').Append(JsonSerializer.Serialize(name)).Append(":{\"dtype\":\"").Append(DtypeName(t.dtype))
-                  .Append("\",\"shape\":[").Append(string.Join(",", t.shape)).Append("],\"data_offsets\":[")
+            long bytes = t.Shape.Aggregate(1L, (a, b) => a * b) * ElementSize(DtypeName(t.Dtype), path, t.Name);
+            header.Append(',').Append(JsonSerializer.Serialize(t.Name)).Append(":{\"dtype\":\"").Append(DtypeName(t.Dtype))
+                  .Append("\",\"shape\":[").Append(string.Join(",", t.Shape)).Append("],\"data_offsets\":[")
                   .Append(offset).Append(',').Append(offset + bytes).Append("]}");
             offset += bytes;
         }
         header.Append('}');
-        while ((header.Length + 8) % 8 != 0) header.Append(' ');
+        while ((Encoding.UTF8.GetByteCount(header.ToString()) + 8) % 8 != 0) header.Append(' ');
         byte[] headerBytes = Encoding.UTF8.GetBytes(header.ToString());
         string dir = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!;
         Directory.CreateDirectory(dir);
-        string temp = System.IO.Path.Combine(dir, "." + System.IO.Path.GetFileName(path) + ".tmp-" + Environment.ProcessId);
+        string temp = System.IO.Path.Combine(dir, "." + System.IO.Path.GetFileName(path) + ".tmp-" + Environment.ProcessId + "-" + Environment.CurrentManagedThreadId);
         try
         {
-            using (var fs = new FileStream(temp, FileMode.Create, FileAccess.Write))
+            using (var fs = (create ?? CreateFile)(temp))
             {
                 fs.Write(BitConverter.GetBytes((ulong)headerBytes.Length));
                 fs.Write(headerBytes);
-                foreach (var (_, t) in list)
-                {
-                    using var cpu = t.detach().cpu().contiguous();
-                    fs.Write(cpu.bytes);
-                }
+                foreach (var t in tensors) WriteData(fs, t, path);
+                fs.Flush();
+                if (fs is FileStream file) file.Flush(flushToDisk: true);
             }
             File.Move(temp, path, overwrite: true);
         }
@@ -273,6 +304,23 @@ public sealed class SafetensorsFile : IDisposable
         {
             File.Delete(temp);
             throw;
+        }
+    }
+
+    private static Stream CreateFile(string path) => new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
+
+    private static void WriteData(Stream stream, PendingTensor pending, string path)
+    {
+        using var scope = torch.NewDisposeScope();
+        var t = pending.Produce();
+        if (t.dtype != pending.Dtype || !t.shape.SequenceEqual(pending.Shape))
+            throw new InvalidOperationException($"{path}: tensor '{pending.Name}' was declared {pending.Dtype} [{string.Join(", ", pending.Shape)}] but produced {t.dtype} [{string.Join(", ", t.shape)}].");
+        using var flat = t.detach().reshape(-1);
+        long n = flat.NumberOfElements, chunk = Math.Max(1, (64L << 20) / flat.ElementSize);
+        for (long i = 0; i < n; i += chunk)
+        {
+            using var part = flat.narrow(0, i, Math.Min(chunk, n - i)).cpu().contiguous();
+            stream.Write(part.bytes);
         }
     }
 }

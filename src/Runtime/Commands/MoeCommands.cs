@@ -2,6 +2,7 @@ using System.CommandLine;
 using Moe.Dsl;
 using Moe.Dsl.Layout;
 using Moe.Runtime.Commands.Bench;
+using Moe.Runtime.Commands.Checkpoint;
 using Moe.Runtime.Commands.Forward;
 using Moe.Runtime.Commands.Layout;
 using Moe.Runtime.Commands.Plan;
@@ -52,6 +53,7 @@ public static class MoeCommands
     {
         yield return PlanCommandParser.Create(recipe);
         if (recipe is not null) yield return TrainCommandParser.Create(recipe, wiring);
+        yield return CheckpointCommandParser.Create();
         if (recipe is null)
         {
             yield return LayoutCommandParser.Create();

@@ -30,6 +30,8 @@ public sealed class RecipeOptions
     public Option<string?> DataPath { get; }
     public Option<string?> Load { get; }
     public Option<string?> Save { get; }
+    public Option<int?> SaveInterval { get; }
+    public Option<int?> KeepLast { get; }
     public Option<int> Seed { get; }
     public Option<string> Precision { get; }
 
@@ -71,6 +73,16 @@ public sealed class RecipeOptions
         DataPath = Text("--data-path", Doc("Data.Prefix", "Dataset prefix without .bin/.idx. Megatron: --data-path."), defaults.Data.Prefix);
         Load = Text("--load", Doc("Checkpoint.Load", "Checkpoint to start from (Hugging Face directory or Moe checkpoint). Megatron: --load."), defaults.Checkpoint.Load);
         Save = Text("--save", Doc("Checkpoint.Save", "Directory to save checkpoints to. Megatron: --save."), defaults.Checkpoint.Save);
+        SaveInterval = new Option<int?>("--save-interval")
+        {
+            Description = Doc("Checkpoint.Interval", "Save every this many steps. Megatron: --save-interval."),
+            DefaultValueFactory = _ => defaults.Checkpoint.Interval,
+        };
+        KeepLast = new Option<int?>("--keep-last")
+        {
+            Description = Doc("Checkpoint.KeepLast", "Keep only the newest this many checkpoints in --save."),
+            DefaultValueFactory = _ => defaults.Checkpoint.KeepLast,
+        };
         Seed = Int("--seed", Doc("Training.Seed", "Random seed. Megatron: --seed."), t.Seed);
         Precision = new Option<string>("--precision")
         {
@@ -82,7 +94,7 @@ public sealed class RecipeOptions
 
     /// <summary>Every option, in the order help lists them.</summary>
     public IEnumerable<Option> All => [Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, SequenceParallel, Order,
-        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, Seed, Precision];
+        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, SaveInterval, KeepLast, Seed, Precision];
 
     /// <summary>Adds every option to a command.</summary>
     public void AddTo(Command command)
@@ -124,6 +136,8 @@ public sealed class RecipeOptions
         {
             Load = parse.GetValue(Load),
             Save = parse.GetValue(Save),
+            Interval = parse.GetValue(SaveInterval),
+            KeepLast = parse.GetValue(KeepLast),
         },
     };
 

@@ -64,9 +64,14 @@ public sealed record MixtralConfig
     public static MixtralConfig Load(string path)
     {
         if (!File.Exists(path)) throw new UserError($"{path}: no config.json; a Hugging Face model directory holds config.json and model*.safetensors.");
-        using (var doc = JsonFile.Parse(path))
+        using var doc = JsonFile.Parse(path);
+        return Parse(doc.RootElement, path);
+    }
+
+    /// <summary>Reads a config.json object (e.g. the model_config of a Moe checkpoint's metadata); <paramref name="path"/> names it in errors.</summary>
+    public static MixtralConfig Parse(JsonElement root, string path)
+    {
         {
-            var root = doc.RootElement;
             if (root.TryGetProperty("model_type", out var type) && type.GetString() is string t && t != "mixtral")
                 throw new UserError($"{path}: model_type is \"{t}\"; Moe reads Mixtral checkpoints (model_type \"mixtral\").");
             int Int(string name)

@@ -6,6 +6,16 @@ namespace Moe.Runtime.Training;
 
 // Shapes: n elements of this member's shard of a bucket.
 
+/// <summary>A slice of one rank's optimizer state for one parameter (<see cref="DistributedOptimizer.StateSlices"/>).</summary>
+/// <param name="Buffer">The gradient buffer holding the parameter.</param>
+/// <param name="Entry">The parameter's entry in it.</param>
+/// <param name="BlockStart">First element, in the parameter's local tensor flattened.</param>
+/// <param name="Length">Elements.</param>
+/// <param name="Main">fp32 main parameters [Length] (a view).</param>
+/// <param name="ExpAvg">Adam's first moment [Length] (a view).</param>
+/// <param name="ExpAvgSq">Adam's second moment [Length] (a view).</param>
+public sealed record OptimizerStateSlice(GradientBuffer Buffer, BufferEntry Entry, long BlockStart, long Length, Tensor Main, Tensor ExpAvg, Tensor ExpAvgSq);
+
 /// <summary>Adam's hyper-parameters (Megatron --adam-beta1/2, --adam-eps, --weight-decay).</summary>
 public sealed record AdamSettings(double Beta1, double Beta2, double Eps, double WeightDecay)
 {
@@ -69,6 +79,41 @@ public sealed class DistributedOptimizer : IDisposable
 
     /// <summary>Optimizer steps taken (Adam's t).</summary>
     public int Steps => _step;
+
+    // ---- Checkpoint state (issue 14) ----
+
+    /// <summary>
+    /// This rank's optimizer state, one slice per (shard, parameter) pair that overlap: the fp32 main parameters and
+    /// Adam's moments of elements [<see cref="OptimizerStateSlice.BlockStart"/>, + Length) of the parameter's local
+    /// tensor (flattened). The tensors are views of the shard state — reading them saves it, copying into them
+    /// restores it; dispose them (a dispose scope) when done. Padding is not listed: it holds zeros that never change.
+    /// </summary>
+    public IEnumerable<OptimizerStateSlice> StateSlices()
+    {
+        foreach (var s in _shards)
+        {
+            foreach (var e in s.Buffer.EntriesOf(s.Bucket))
+            {
+                long from = Math.Max(e.Offset, s.Start), to = Math.Min(e.Offset + e.Numel, s.Start + s.Length);
+                if (from >= to) continue;
+                yield return new OptimizerStateSlice(s.Buffer, e, from - e.Offset, to - from,
+                    s.Main.narrow(0, from - s.Start, to - from), s.ExpAvg.narrow(0, from - s.Start, to - from), s.ExpAvgSq.narrow(0, from - s.Start, to - from));
+            }
+        }
+    }
+
+    /// <summary>Sets Adam's step count (bias corrections) to a restored checkpoint's.</summary>
+    public void RestoreSteps(int steps)
+    {
+        if (steps < 0) throw new ArgumentOutOfRangeException(nameof(steps), steps, "A step count is never negative.");
+        _step = steps;
+    }
+
+    /// <summary>
+    /// Whether this rank's copy of a buffer's state is the one a checkpoint keeps: sharded, every member owns its own
+    /// shard; unsharded, every member holds the same whole state and the group's first member writes it.
+    /// </summary>
+    public bool WritesStateOf(GradientBuffer buffer) => Sharded || buffer.Group.Rank == 0;
 
     /// <summary>The global L2 norm of the reduced gradients (collective over the world).</summary>
     public double GradientNorm()

@@ -73,16 +73,25 @@ public sealed class Trainer : IDisposable
     private readonly bool _ownsRank;
 
     /// <summary>A one-rank trainer on <paramref name="device"/> (the one-device run).</summary>
-    public Trainer(RecipeSettings settings, Device device, TextWriter log)
-        : this(settings, RankContext.Single(settings, device), log, ownsRank: true)
+    /// <param name="settings">The recipe's settings; Checkpoint.Load names a checkpoint to start from.</param>
+    /// <param name="device">The device.</param>
+    /// <param name="log">Progress and notes.</param>
+    /// <param name="load">How a checkpoint in Checkpoint.Load may differ from the recipe (null: not at all).</param>
+    public Trainer(RecipeSettings settings, Device device, TextWriter log, CheckpointLoadOptions? load = null)
+        : this(settings, RankContext.Single(settings, device), log, ownsRank: true, load)
     {
     }
 
-    public Trainer(RecipeSettings settings, RankContext rank, TextWriter log) : this(settings, rank, log, ownsRank: false)
+    /// <summary>The trainer of one rank of a job.</summary>
+    /// <param name="settings">The recipe's settings; Checkpoint.Load names a checkpoint to start from.</param>
+    /// <param name="rank">This rank's groups and device.</param>
+    /// <param name="log">Progress and notes (rank 0's; pass TextWriter.Null on the others).</param>
+    /// <param name="load">How a checkpoint in Checkpoint.Load may differ from the recipe (null: not at all).</param>
+    public Trainer(RecipeSettings settings, RankContext rank, TextWriter log, CheckpointLoadOptions? load = null) : this(settings, rank, log, ownsRank: false, load)
     {
     }
 
-    private Trainer(RecipeSettings settings, RankContext rank, TextWriter log, bool ownsRank)
+    private Trainer(RecipeSettings settings, RankContext rank, TextWriter log, bool ownsRank, CheckpointLoadOptions? load)
     {
         _s = settings;
         _rank = rank;
@@ -95,28 +104,54 @@ public sealed class Trainer : IDisposable
         RefuseUnimplemented(settings.Parallelism);
         var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher);
 
-        // 1. The single-device model. 2. Parallelize: data parallel changes nothing in the model.
-        // 3. Initialise (seeded, the same on every rank) or load.
-        if (settings.Checkpoint.Load is string load)
-        {
-            var config = MixtralStateDictAdapter.ReadConfig(load);
-            CheckMatches(config, MixtralConfig.From(settings.Model), load);
-            _model = new MixtralModel(config, options, dtype, device, plan);
-            MixtralStateDictAdapter.Load(_model, load);
-            if (rank.Reports) log.WriteLine($"loaded {load}");
-        }
-        else
-        {
-            _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
-            _model.InitializeWeights(settings.Training.Seed);
-        }
+        // 1. The single-device model. 2. Parallelize: the plan cuts this rank's part as it is built.
+        // 3. Initialise (seeded, the same on every rank) or load: a Hugging Face folder gives the weights only; a Moe
+        //    checkpoint is restored whole once the optimizer exists (5. below).
+        var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
+        _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
+        if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
+        else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();
 
         // 4. Gradient buffers and the optimizer over them.
         Parameters = _model.ParametersInForwardOrder().ToList();
         _buffers.AddRange(BuffersFor(Parameters, rank.Groups));
         _optimizer = new DistributedOptimizer(_buffers, rank.Groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
+
+        // 5. Resume a Moe checkpoint: weights, optimizer state and step, resharded to this layout; Run continues after it.
+        if (checkpoint is { IsMoe: true })
+        {
+            try
+            {
+                CompletedSteps = CheckpointReader.Restore(this, checkpoint, load, rank.Reports ? log : TextWriter.Null);
+            }
+            catch
+            {
+                Dispose();
+                throw;
+            }
+        }
     }
+
+    // ---- Checkpoint seams (issue 14): what a save reads and a restore sets ----
+
+    /// <summary>The settings this trainer runs.</summary>
+    public RecipeSettings Settings => _s;
+
+    /// <summary>This rank's groups and device.</summary>
+    public RankContext Rank => _rank;
+
+    /// <summary>The optimizer (its state is a checkpoint's largest part).</summary>
+    public DistributedOptimizer Optimizer => _optimizer;
+
+    /// <summary>Steps done: 0 for a new run, the checkpoint's step after a restore; <see cref="Run"/> continues from the next and updates it.</summary>
+    public int CompletedSteps { get; private set; }
+
+    /// <summary>Set (by an after-step hook) to end <see cref="Run"/> after the current step, e.g. on SIGTERM once the checkpoint is saved.</summary>
+    public bool StopRequested { get; set; }
+
+    /// <summary>The reason the observers gave for stopping after the current step (a health signal in Health.StopOn), seen by the after-step hook; null to go on.</summary>
+    public string? StopReason { get; private set; }
 
     /// <summary>
     /// The gradient buffers of a rank's parameters (given in forward order): the dense ones reduced over data ×
@@ -225,7 +260,7 @@ public sealed class Trainer : IDisposable
         var groups = _rank.Groups;
         int layers = _model.Config.Layers, experts = _model.Config.Experts;
         observer.RunStarted();
-        for (int step = 1; step <= t.Steps; step++)
+        for (int step = CompletedSteps + 1; step <= t.Steps; step++)
         {
             var watch = Stopwatch.StartNew();
             using var scope = torch.NewDisposeScope();
@@ -306,8 +341,10 @@ public sealed class Trainer : IDisposable
             m = observer.StepEnded(m);
             m = AgreeOnStop(m);
             history.Add(m);
+            CompletedSteps = step;
+            StopReason = m.StopReason;
             afterStep?.Invoke(step);
-            if (m.StopReason is not null) break;
+            if (m.StopReason is not null || StopRequested) break;
         }
         var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
         observer.RunEnded(result);
@@ -364,14 +401,6 @@ public sealed class Trainer : IDisposable
         if (maxNorm <= 0) return 1;
         double coefficient = maxNorm / (norm + 1e-6);
         return coefficient < 1 ? coefficient : 1;
-    }
-
-    private static void CheckMatches(MixtralConfig checkpoint, MixtralConfig recipe, string path)
-    {
-        var a = (checkpoint.HiddenSize, checkpoint.Layers, checkpoint.Experts, checkpoint.Heads, checkpoint.KeyValueHeads, checkpoint.VocabSize, checkpoint.IntermediateSize);
-        var b = (recipe.HiddenSize, recipe.Layers, recipe.Experts, recipe.Heads, recipe.KeyValueHeads, recipe.VocabSize, recipe.IntermediateSize);
-        if (a != b)
-            throw new UserError($"{path}/config.json (hidden, layers, experts, heads, kv heads, vocab, ffn) = {a} does not match the recipe's model {b}; choose the matching Model preset.");
     }
 
     public void Dispose()

@@ -201,5 +201,8 @@ public static class RuleCases
         yield return new(DiagnosticIds.PlanDoesNotFitGpu, "Parallelism.Gpu",
             ["The plan needs about 97.2 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 32.2", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
             P(p => p with { Gpu = Gpu.H100 }), P(p => p with { Gpu = Gpu.H200 }));
+        yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.KeepLast",
+            ["Checkpoint KeepLast (0) must be at least 1 (null keeps every checkpoint)"],
+            Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 0 } }, Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 1 } });
     }
 }

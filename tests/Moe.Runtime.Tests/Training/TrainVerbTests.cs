@@ -4,7 +4,7 @@ using Xunit;
 
 namespace Moe.Runtime.Tests.Training;
 
-/// <summary>The train verb end to end: a diverging run exits 2 with a message, and --save writes a checkpoint --load continues from.</summary>
+/// <summary>The train verb end to end: a diverging run exits 2 with a message; --save, --save-interval and --load resume a run exactly.</summary>
 [Collection("Console")]
 public class TrainVerbTests : IDisposable
 {
@@ -15,9 +15,6 @@ public class TrainVerbTests : IDisposable
     private (int Exit, string Out, string Err) Train(params string[] args) => Moe.Tests.ConsoleCapture.Run(() =>
         MoeCommands.Run(MoeCommands.CreateRoot(new Moe.Recipes.TinyMixtral().ToSettings()),
             ["train", "--seq-length", "32", "--run-dir", Path.Combine(_dir, "runs", Guid.NewGuid().ToString("N")), .. args]));
-
-    private static double[] LmLosses(string metrics) =>
-        File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("lm_loss").GetDouble()).ToArray();
 
     [Fact]
     public void DivergingRun_ExitsTwoNamingTheStepWithoutAStackTrace()
@@ -33,22 +30,55 @@ public class TrainVerbTests : IDisposable
         Assert.Equal(Enumerable.Range(1, bad - 1), written);
     }
 
+    private static (int Step, double LmLoss)[] Steps(string metrics) =>
+        File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).Select(r => (r.GetProperty("step").GetInt32(), r.GetProperty("lm_loss").GetDouble())).ToArray();
+
     [Fact]
-    public void Save_WritesACheckpointThatLoadContinuesFrom()
+    public void SaveInterval_WritesStepsFiveAndTen_AndLoadContinuesFromEither()
     {
         string save = Path.Combine(_dir, "ckpt");
-        string fresh = Path.Combine(_dir, "fresh.jsonl"), resumed = Path.Combine(_dir, "resumed.jsonl");
-        var (exit, output, err) = Train("--steps", "12", "--save", save, "--metrics", fresh);
+        string full = Path.Combine(_dir, "full.jsonl"), resumed = Path.Combine(_dir, "resumed.jsonl");
+        string[] small = ["--global-batch-size", "4", "--micro-batch-size", "4"];
+        var (exit, output, err) = Train([.. small, "--steps", "10", "--save", save, "--save-interval", "5", "--metrics", full]);
         Assert.True(exit == 0, output + err);
-        Assert.Equal("12", File.ReadAllText(Path.Combine(save, "latest_checkpointed_iteration.txt")).Trim());
-        string iter = Path.Combine(save, "iter_0000012");
-        Assert.True(File.Exists(Path.Combine(iter, "config.json")), output);
-        Assert.NotEmpty(Directory.GetFiles(iter, "*.safetensors"));
+        Assert.Equal("10", File.ReadAllText(Path.Combine(save, "latest_checkpointed_iteration.txt")));
+        Assert.True(File.Exists(Path.Combine(save, "iter_0000005", "metadata.json")), output);
+        Assert.True(File.Exists(Path.Combine(save, "iter_0000010", "metadata.json")), output);
+        Assert.Contains($"saved {Path.Combine(save, "iter_0000005")}", output);
 
-        (exit, output, err) = Train("--steps", "10", "--load", iter, "--metrics", resumed);
+        // The step-5 folder: steps 6–10, their metrics numbered 6..10 and equal to the uninterrupted run's.
+        (exit, output, err) = Train([.. small, "--steps", "10", "--load", Path.Combine(save, "iter_0000005"), "--metrics", resumed]);
         Assert.True(exit == 0, output + err);
-        // Step 1 sees the same samples in both runs: from the trained weights its loss is well below the random start's.
-        Assert.True(LmLosses(resumed)[0] < LmLosses(fresh)[0] - 0.1, $"resumed {LmLosses(resumed)[0]} vs fresh {LmLosses(fresh)[0]}");
+        Assert.Contains("continuing at step 6 of 10", output);
+        Assert.Contains("training TinyMixtral: steps 6–10 of 10", output);
+        Assert.Equal(Steps(full)[5..], Steps(resumed));
+
+        // The save folder: its latest, step 10 — nothing left to train.
+        (exit, output, err) = Train([.. small, "--steps", "10", "--load", save]);
+        Assert.True(exit == 0, output + err);
+        Assert.Contains($"resumed from {Path.Combine(save, "iter_0000010")}: iteration 10 done", output);
+        Assert.Contains("done: no step left to train.", output);
+
+        // Exported to a Hugging Face folder (CheckpointFormatTests checks the folder itself).
+        string hf = Path.Combine(_dir, "hf");
+        var export = Moe.Tests.ConsoleCapture.Run(() => MoeCommands.Run(MoeCommands.CreateRoot(), ["checkpoint", "export", save, "--hf", hf]));
+        Assert.True(export.Exit == 0, export.Out + export.Err);
+        Assert.Contains($"exported {Path.Combine(save, "iter_0000010")} (iteration 10) to {hf}", export.Out);
+    }
+
+    [Fact]
+    public void Simulate_SavesEveryRanksShards_AndResumesExactly()
+    {
+        string save = Path.Combine(_dir, "sim");
+        string full = Path.Combine(_dir, "sim-full.jsonl"), resumed = Path.Combine(_dir, "sim-resumed.jsonl");
+        string[] layout = ["--simulate", "--gpus", "2", "--ep", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--steps", "10"];
+        var (exit, output, err) = Train([.. layout, "--save", save, "--save-interval", "5", "--metrics", full]);
+        Assert.True(exit == 0, output + err);
+        Assert.Equal(["rank_00000.safetensors", "rank_00001.safetensors"],
+            Directory.GetFiles(Path.Combine(save, "iter_0000005"), "rank_*").Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        (exit, output, err) = Train([.. layout, "--load", Path.Combine(save, "iter_0000005"), "--metrics", resumed]);
+        Assert.True(exit == 0, output + err);
+        Assert.Equal(Steps(full)[5..], Steps(resumed));
     }
 
     [Fact]

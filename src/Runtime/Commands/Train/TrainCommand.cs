@@ -38,8 +38,9 @@ public static class TrainCommand
     /// <param name="LogEvery">A progress line every this many steps.</param>
     /// <param name="Simulate">Run the recipe's topology on the CPU with in-process ranks.</param>
     /// <param name="Wiring">The recipe's generated layout, used when the command line left the topology as the recipe has it.</param>
+    /// <param name="AllowChanged">Settings a loaded checkpoint may differ in (--allow-changed).</param>
     public sealed record Request(string Device, string? RunDir = null, string? Metrics = null, bool AppendMetrics = false, string? TensorBoard = null,
-        int LogEvery = 10, bool Simulate = false, IRankLayout? Wiring = null);
+        int LogEvery = 10, bool Simulate = false, IRankLayout? Wiring = null, IReadOnlyList<string>? AllowChanged = null);
 
     /// <summary>Exit code of a run stopped by a signal in Health.StopOn (its metrics and a checkpoint are written first).</summary>
     public const int HealthStopExitCode = 3;
@@ -63,10 +64,11 @@ public static class TrainCommand
         settings = CapWarmup(settings);   // MOE0213 has said so on stderr
         foreach (var (name, value) in settings.Nccl.ToEnvironment()) NativeEnvironment.Set(name, value);
         var timeout = Timeouts.Collective(settings);
+        using var signals = new StopSignals(log);
         if (launch is null)
         {
             var single = RankContext.Single(settings, dev);
-            try { return TrainRank(settings, request, single, warmup, log); }
+            try { return TrainRank(settings, request, single, warmup, signals, log); }
             finally { single.Groups.Dispose(); }
         }
         RankBootstrap job;
@@ -83,7 +85,7 @@ public static class TrainCommand
             if (launch.Rank == 0) log.WriteLine($"rank 0 of {launch.WorldSize}: GPU {gpu}, {job.NcclDescription}");
             try
             {
-                return TrainRank(settings, request, new RankContext(job.Groups, dev), warmup, log);
+                return TrainRank(settings, request, new RankContext(job.Groups, dev), warmup, signals, log);
             }
             catch (Exception e)
             {
@@ -94,7 +96,7 @@ public static class TrainCommand
     }
 
     /// <summary>Trains one rank: the reporting rank opens the run directory and every writer; all ranks evaluate and check health alike.</summary>
-    private static int TrainRank(RecipeSettings settings, Request request, RankContext rank, int warmup, TextWriter log)
+    private static int TrainRank(RecipeSettings settings, Request request, RankContext rank, int warmup, StopSignals signals, TextWriter log)
     {
         var started = DateTimeOffset.UtcNow;
         var dev = rank.Device;
@@ -121,22 +123,20 @@ public static class TrainCommand
             if (warmup != settings.Training.WarmupSteps)
                 fileLog.WriteLine($"note: WarmupSteps ({warmup}) exceeds Steps ({settings.Training.Steps}); the warm-up is capped at {settings.Training.WarmupSteps} steps (MOE0213).");
 
+            int signalled = 0;
             TrainResult Train(ITrainingObserver? bar, TextWriter console)
             {
                 var logs = rank.Reports ? new TeeWriter(console, fileLog) : TextWriter.Null;
-                using var trainer = new Trainer(settings, rank, logs);
+                using var trainer = new Trainer(settings, rank, logs, CheckpointLoadOptions.Parse(request.AllowChanged));
                 var p = settings.Parallelism;
-                logs.WriteLine($"training {settings.Name}: {settings.Training.Steps} steps of {settings.Training.GlobalBatchSize} × {settings.Data.SequenceLength} tokens on " +
+                logs.WriteLine($"training {settings.Name}: {Steps(trainer, settings)} of {settings.Training.GlobalBatchSize} × {settings.Data.SequenceLength} tokens on " +
                     (p.Gpus == 1 ? request.Device : $"{p.Gpus} GPUs (TP {p.Tensor}, PP {p.Pipeline}, CP {p.Context}, EP {p.Expert}, DP {p.DataParallel})") + $"; run directory {run?.Path}");
                 var observers = Observers(settings, trainer, validation, rank, logs, bar is null ? logs : fileLog, writers, request.LogEvery);
                 if (bar is not null) observers.Add(bar);
-                var save = settings.Checkpoint;
-                var result = trainer.Run(source, new TrainingObservers(observers), step =>
-                {
-                    if (save.Save is string dir && save.Interval is int interval && step % interval == 0 && step != settings.Training.Steps)
-                        Save(trainer, dir, step, logs);
-                });
-                if (save.Save is string final && result.Steps.Count > 0) Save(trainer, final, result.Steps[^1].Step, logs);
+                // Saves (--save, --save-interval, --keep-last, and when a run stops early) and SIGINT/SIGTERM.
+                var checkpoints = new CheckpointSchedule(trainer, signals, logs);
+                var result = trainer.Run(source, new TrainingObservers(observers), checkpoints.AfterStep);
+                signalled = checkpoints.ExitCode;
                 Summarise(result, logs, run);
                 return result;
             }
@@ -145,7 +145,7 @@ public static class TrainCommand
             var outcome = !rank.Reports || Console.IsErrorRedirected
                 ? Train(null, log)
                 : ProgressBar.Show(settings.Training.Steps, (bar, lines) => Train(bar, Console.IsOutputRedirected ? log : lines));
-            return outcome.StopReason is null ? 0 : HealthStopExitCode;
+            return signalled != 0 ? signalled : outcome.StopReason is null ? 0 : HealthStopExitCode;
         }
         finally
         {
@@ -229,10 +229,11 @@ public static class TrainCommand
         torch.set_num_threads(1);   // the ranks are the parallelism; one intra-op thread each
         try
         {
+            using var signals = new StopSignals(log);   // one per process: the in-process ranks share it
             var results = InProcessJob.Run(layout, Timeouts.Collective(s), rank =>
             {
-                if (!plan.SyntheticData) return TrainRank(s, request, rank, s.Training.WarmupSteps, rank.Reports ? log : TextWriter.Null);
-                return TrainSynthetic(s, request, rank, log);
+                if (!plan.SyntheticData) return TrainRank(s, request, rank, s.Training.WarmupSteps, signals, rank.Reports ? log : TextWriter.Null);
+                return TrainSynthetic(s, request, rank, signals, log);
             });
             return results[0];
         }
@@ -243,22 +244,31 @@ public static class TrainCommand
     }
 
     /// <summary>A simulated rank on seeded random tokens (the recipe's dataset is absent): metrics file and progress only.</summary>
-    private static int TrainSynthetic(RecipeSettings s, Request request, RankContext rank, TextWriter log)
+    private static int TrainSynthetic(RecipeSettings s, Request request, RankContext rank, StopSignals signals, TextWriter log)
     {
+        var rankLog = rank.Reports ? log : TextWriter.Null;
         using var source = new SyntheticSampleSource(s.Model.VocabSize, s.Data.SequenceLength, s.Training.Seed);
         using var metrics = rank.Reports && request.Metrics is not null ? new MetricsWriter(request.Metrics, "simulation", request.AppendMetrics) : null;
-        using var trainer = new Trainer(s, rank, rank.Reports ? log : TextWriter.Null);
-        var observers = new List<ITrainingObserver> { new HealthMonitor(s, rank.Reports ? log : TextWriter.Null) };
+        using var trainer = new Trainer(s, rank, rankLog, CheckpointLoadOptions.Parse(request.AllowChanged));
+        var observers = new List<ITrainingObserver> { new HealthMonitor(s, rankLog) };
         if (metrics is not null) observers.Add(metrics);
         if (rank.Reports) observers.Add(new ProgressLines(log, request.LogEvery, s.Training.Steps));
-        var result = trainer.Run(source, new TrainingObservers(observers));
+        var checkpoints = new CheckpointSchedule(trainer, signals, rankLog);
+        var result = trainer.Run(source, new TrainingObservers(observers), checkpoints.AfterStep);
         if (rank.Reports) Summarise(result, log, null);
-        return result.StopReason is null ? 0 : HealthStopExitCode;
+        return checkpoints.ExitCode != 0 ? checkpoints.ExitCode : result.StopReason is null ? 0 : HealthStopExitCode;
     }
+
+    private static string Steps(Trainer trainer, RecipeSettings s) =>
+        trainer.CompletedSteps == 0 ? $"{s.Training.Steps} steps" : $"steps {trainer.CompletedSteps + 1}–{s.Training.Steps} of {s.Training.Steps}";
 
     private static void Summarise(TrainResult result, TextWriter logs, RunDirectory? run)
     {
-        if (result.Steps.Count == 0) return;
+        if (result.Steps.Count == 0)
+        {
+            logs.WriteLine("done: no step left to train.");
+            return;
+        }
         var first = result.Steps.Take(5).Average(m => m.LmLoss);
         var last = result.Steps.TakeLast(5).Average(m => m.LmLoss);
         string val = result.Steps.LastOrDefault(m => m.ValLoss is not null)?.ValLoss is double v ? string.Create(CultureInfo.InvariantCulture, $", validation loss {v:F3}") : "";
@@ -269,14 +279,6 @@ public static class TrainCommand
     /// <summary>A warm-up longer than the run is capped at Steps (MOE0213 warns): a short trial run keeps the recipe's schedule otherwise.</summary>
     public static RecipeSettings CapWarmup(RecipeSettings s) =>
         s.Training.WarmupSteps > s.Training.Steps ? s with { Training = s.Training with { WarmupSteps = s.Training.Steps } } : s;
-
-    private static void Save(Trainer trainer, string dir, int step, TextWriter log)
-    {
-        string path = Path.Combine(dir, $"iter_{step:D7}");
-        MixtralStateDictAdapter.Save(trainer.Model, path);
-        File.WriteAllText(Path.Combine(dir, "latest_checkpointed_iteration.txt"), step.ToString(CultureInfo.InvariantCulture));
-        log.WriteLine($"saved {path}");
-    }
 
     /// <summary>Data.Prefix, Data.Tokenizer and Checkpoint.Load relative to the working directory, else to the recipe's output directory.</summary>
     public static RecipeSettings ResolvePaths(RecipeSettings s)

@@ -24,7 +24,12 @@ public sealed class TrainCommandDefinition
         Device.AcceptOnlyFromAmong("cpu", "cuda");
         LogEvery = new Option<int>("--log-every") { Description = "Print a progress line every this many steps to train.log, and to the console when stderr is not a terminal (a terminal gets a progress bar).", DefaultValueFactory = _ => 10 };
         Simulate = new Option<bool>("--simulate") { Description = "Run the recipe's exact topology on the CPU, one thread per rank (in-process collectives); a model too large for that is shrunk within its family, and the run says so." };
-        foreach (var o in new Option[] { RunDir, Metrics, AppendMetrics, TensorBoard, Device, LogEvery, Simulate }) Command.Options.Add(o);
+        AllowChanged = new Option<string[]>("--allow-changed")
+        {
+            Description = "Settings a --load checkpoint may differ in, comma-separated (e.g. seed,Capacity.Factor): without it a change of the training dynamics is an error naming each field.",
+            AllowMultipleArgumentsPerToken = false,
+        };
+        foreach (var o in new Option[] { RunDir, Metrics, AppendMetrics, TensorBoard, Device, LogEvery, Simulate, AllowChanged }) Command.Options.Add(o);
     }
 
     public RecipeSettings Recipe { get; }
@@ -45,4 +50,5 @@ public sealed class TrainCommandDefinition
     public Option<string> Device { get; }
     public Option<int> LogEvery { get; }
     public Option<bool> Simulate { get; }
+    public Option<string[]> AllowChanged { get; }
 }

@@ -12,7 +12,7 @@ public static class TrainCommandParser
         var d = new TrainCommandDefinition(recipe, wiring);
         d.Command.SetAction(parse => TrainCommand.Execute(d.Options.Apply(recipe, parse), new TrainCommand.Request(
             parse.GetValue(d.Device)!, parse.GetValue(d.RunDir), parse.GetValue(d.Metrics), parse.GetValue(d.AppendMetrics),
-            parse.GetValue(d.TensorBoard), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate), d.Wiring), Console.Out));
+            parse.GetValue(d.TensorBoard), parse.GetValue(d.LogEvery), parse.GetValue(d.Simulate), d.Wiring, parse.GetValue(d.AllowChanged) ?? []), Console.Out));
         return d.Command;
     }
 }
