@@ -5,7 +5,7 @@
 # then in expert parallel 2; the losses must equal the one-GPU run's (compare.py). Then bf16 with EP 2 for 30 steps
 # (the loss must fall). Every command has a deadline; logs and metrics land in $OUT.
 . .gpu/common.sh
-R=/tmp/gpu/MixtralShaped/run
+R=/tmp/gpu/GpuRecipe/run
 A="--device cuda --precision fp32 --steps 5"
 repo=$PWD; work=/tmp/work; mkdir -p $work; cd $work
 run() { local name=$1; shift; echo "== $name: $*" | tee -a $OUT/distributed.log; "$@" >>$OUT/$name.log 2>&1; echo "exit $?" | tee -a $OUT/distributed.log; }

@@ -10,7 +10,8 @@ Run it on the GPU host, from the repository root, with one GPU:
     MEGATRON_PATH=/path/to/Megatron-LM \
     torchrun --standalone --nproc_per_node 1 bench/gpu/megatron_moe_oracle.py --out tests/fixtures/megatron-moe
 
-MEGATRON_PATH is the root of a Megatron-LM checkout (the folder holding megatron/); only megatron/core
+MEGATRON_PATH is the root of a Megatron-LM checkout (the folder holding megatron/), or of a `git archive` of one
+with MEGATRON_COMMIT set to its commit (`git get-tar-commit-id < archive.tar`); only megatron/core
 is imported, no Transformer Engine, no Apex. It prints one line per case and exits non-zero if any case
 fails; files are written under temporary names and renamed only when complete, and nothing is left
 behind for a failed case.
@@ -138,6 +139,9 @@ def import_megatron():
                                 timeout=30).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
+    # An exported tree (git archive) has no .git: its commit is the archive's commit id (git get-tar-commit-id),
+    # passed as MEGATRON_COMMIT.
+    commit = commit or os.environ.get("MEGATRON_COMMIT") or None
     from megatron.core import package_info
     return root, commit, package_info.__version__
 
