@@ -148,3 +148,33 @@ public class TrainerMathTests
         Assert.Contains(model.named_parameters(), np => np.name.Contains("embed") && Trainer.Decays(np.parameter));
     }
 }
+
+/// <summary>The gradient buffer in bf16: micro-batches accumulate in fp32 main gradients, as Megatron's main_grad does.</summary>
+public class GradientBufferTests
+{
+    [Fact]
+    public void Bf16Parameters_AccumulateMicroBatchesInFp32()
+    {
+        // Three micro-batches each add 1 to a gradient that starts at 256: fp32 gives 259 exactly; bf16 (8 bits of
+        // mantissa) cannot hold 257 and would round every step back to 256.
+        var p = new Parameter(torch.zeros(1, 1, dtype: ScalarType.BFloat16));
+        var world = new InProcessWorld(1, TimeSpan.FromSeconds(10)).Communicator(0);
+        using var buffer = new GradientBuffer("dense", [("p", p, true, true)], world, 1 << 20, 1.0);
+        float[] micro = [256f, 1f, 1f, 1f];
+        buffer.BindGradients();
+        foreach (float g in micro)
+        {
+            using (torch.no_grad()) p.grad!.add_(torch.full(1, 1, g, dtype: ScalarType.BFloat16));   // as a backward accumulates
+            buffer.AccumulateMicroBatch();
+        }
+        buffer.Reduce(sharded: true);
+        Assert.Equal(259f, buffer.MainGrad[0].item<float>());
+        Assert.Equal(0f, p.grad!.to(ScalarType.Float32).item<float>());   // the bf16 view is cleared for the next micro-batch
+
+        // A new step starts from zero again.
+        buffer.BindGradients();
+        using (torch.no_grad()) p.grad!.add_(torch.full(1, 1, 2f, dtype: ScalarType.BFloat16));
+        buffer.AccumulateMicroBatch();
+        Assert.Equal(2f, buffer.MainGrad[0].item<float>());
+    }
+}
