@@ -369,7 +369,7 @@ def run_case(name, overrides, microbatches, checks, w, bias0, inputs, upstream):
     if "groups_change_choice" in checks or "bias_changes_choice" in checks:
         plain = selection_scores(out["router_logits.0"].cuda(), {k: v for k, v in cfg.items() if k != "moe_router_num_groups"}, None)
         plain_map = torch.zeros_like(plain, dtype=torch.bool).scatter(1, plain.topk(K, dim=-1).indices, True)
-        if bool((plain_map.cpu() == out["routing_map.0"].bool()).all()):
+        if bool((plain_map.cpu() == out["routing_map.0"].bool().cpu()).all()):
             raise RuntimeError(f"{name}: group limits / expert bias changed no token's experts; change SEED")
 
     out.update({k: v.float() for k, v in weight_grads(layer).items()})

@@ -42,6 +42,12 @@ public sealed class Experts : nn.Module
     public bool ForceLoop { get; set; }
 
     /// <summary>
+    /// fp32 main gradients the grouped backward accumulates into directly (gate_up, down), or null to accumulate into
+    /// <c>.grad</c>. The trainer's gradient buffer sets them for bf16 training.
+    /// </summary>
+    public ExpertGradientSinks Sinks { get; set; } = ExpertGradientSinks.None;
+
+    /// <summary>
     /// Whether <see cref="Forward"/> takes the grouped-GEMM path for rows of this dtype and device:
     /// not forced to loop; CPU, or CUDA in bf16; and every matrix row a multiple of 16 bytes
     /// (torch._grouped_mm's stride rule: H·elementSize and I·elementSize divisible by 16; Mixtral's
@@ -60,7 +66,7 @@ public sealed class Experts : nn.Module
     public Tensor Forward(Tensor rowsRH, Tensor rowsPerExpertE)
     {
         if (UsesGroupedGemm(rowsRH))
-            return GroupedSwiGlu.Apply(rowsRH, gate_up, down, rowsPerExpertE.cumsum(0).to(ScalarType.Int32));
+            return GroupedSwiGlu.Apply(rowsRH, gate_up, down, rowsPerExpertE.cumsum(0).to(ScalarType.Int32), Sinks);
         return Loop(rowsRH, rowsPerExpertE);
     }
 

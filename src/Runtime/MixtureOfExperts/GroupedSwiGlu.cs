@@ -34,10 +34,15 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
     public override string Name => nameof(GroupedSwiGlu);
 
     /// <summary>Expert_e(row) for rows sorted by expert; offsets are the cumulative row counts (int32 [E]).</summary>
-    public static Tensor Apply(Tensor rowsRH, Tensor gateUpE2IH, Tensor downEHI, Tensor offsetsE)
+    /// <param name="rowsRH">Rows sorted by expert.</param>
+    /// <param name="gateUpE2IH">gate_up weights.</param>
+    /// <param name="downEHI">down weights.</param>
+    /// <param name="offsetsE">Cumulative row counts.</param>
+    /// <param name="sinks">fp32 main gradients to accumulate the weight gradients into, or null for <c>.grad</c>.</param>
+    public static Tensor Apply(Tensor rowsRH, Tensor gateUpE2IH, Tensor downEHI, Tensor offsetsE, ExpertGradientSinks? sinks = null)
     {
         ManagedBackward.BeforeForward();
-        return apply(rowsRH, gateUpE2IH, downEHI, offsetsE);
+        return apply(rowsRH, gateUpE2IH, downEHI, offsetsE, sinks ?? ExpertGradientSinks.None);
     }
 
     public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
@@ -50,23 +55,25 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
             : nn.functional.silu(gu.narrow(-1, 0, ffn)) * gu.narrow(-1, ffn, ffn);
         var outRH = Kernels.GroupedMm(act, down.transpose(1, 2), offsets);
         ctx.save_for_backward([rows, gu, gateUp, down, offsets]);
+        ctx.save_data("sinks", vars[4]);
         return outRH;
     }
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutRH) =>
-        ManagedBackward.Run(Name, 4, ctx, gradOutRH, (saved, dOut) =>
+        ManagedBackward.Run(Name, 5, ctx, gradOutRH, (saved, dOut) =>
         {
             var (rows, gu, gateUp, down, offsets) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
+            var sinks = (ExpertGradientSinks)ctx.get_data("sinks");
             // Each intermediate goes as soon as it has been used: ∂act, then act, then ∂gu.
             var dAct = Kernels.GroupedMm(dOut, down, offsets);
             var (dGu, act) = SwiGluKernels.Applies(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
             dAct.Dispose();
-            Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets));
+            Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets), sinks.Down);
             act.Dispose();
-            Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets));
+            Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets), sinks.GateUp);
             var dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
-            return [dRows, null!, null!, null!];
+            return [dRows, null!, null!, null!, null!];
         });
 
     /// <summary>
@@ -83,9 +90,18 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
         return (torch.cat([dg, dActRI * s], -1), s * u);
     }
 
-    /// <summary>weight.grad += g, or weight.grad = g when unset (the tensor is then owned by the weight); g's handle is released.</summary>
-    private static void Accumulate(Tensor weight, Tensor g)
+    /// <summary>
+    /// Into the main gradient when a sink is given; else weight.grad += g, or weight.grad = g when unset (the tensor is
+    /// then owned by the weight). g's handle is released.
+    /// </summary>
+    private static void Accumulate(Tensor weight, Tensor g, GradientSink? sink)
     {
+        if (sink is not null && weight.requires_grad)
+        {
+            sink.Accumulate(g);
+            g.Dispose();
+            return;
+        }
         if (weight.requires_grad)
         {
             using var existing = weight.grad;

@@ -1,4 +1,5 @@
 using Moe.Runtime.Distributed;
+using Moe.Runtime.MixtureOfExperts;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -50,14 +51,21 @@ public sealed class GradientBuffer : IDisposable
     private readonly List<GradientBucket> _buckets = new();
     private bool _firstMicroBatch = true;
     private bool _modelGradDirty;
+    private readonly Dictionary<Parameter, GradientSink> _sinks = new(ReferenceEqualityComparer.Instance);
 
     /// <param name="name">"dense" or "expert", for reports.</param>
     /// <param name="parameters">The parameters in backward order (the reverse of the forward's use), with their decay and norm flags.</param>
     /// <param name="group">The group that reduces these gradients.</param>
     /// <param name="bucketElements">Bucket size in elements.</param>
     /// <param name="gradientScale">Factor applied to the gradients before they are summed over the group.</param>
+    /// <param name="direct">
+    /// With parameters in a lower precision than fp32: their gradients go straight into the fp32 main gradients
+    /// through <see cref="SinkOf"/> (the experts' own backward does this) instead of through bf16 views, which are
+    /// then not allocated. A gradient autograd still produces (a fallback path) is moved into the main gradient
+    /// when the micro-batch is accumulated.
+    /// </param>
     public GradientBuffer(string name, IReadOnlyList<(string Name, Parameter Parameter, bool Decays, bool CountedInNorm)> parameters,
-        Communicator group, long bucketElements, double gradientScale)
+        Communicator group, long bucketElements, double gradientScale, bool direct = false)
     {
         if (parameters.Count == 0) throw new ArgumentException($"The {name} gradient buffer has no parameters.");
         var dtype = parameters[0].Parameter.dtype;
@@ -86,7 +94,10 @@ public sealed class GradientBuffer : IDisposable
         }
         Length = offset;
         MainGrad = torch.zeros(Length, dtype: ScalarType.Float32, device: device);
-        ModelGrad = dtype == ScalarType.Float32 ? null : torch.zeros(Length, dtype: dtype, device: device);
+        bool sinks = direct && dtype != ScalarType.Float32;
+        ModelGrad = dtype == ScalarType.Float32 || sinks ? null : torch.zeros(Length, dtype: dtype, device: device);
+        if (sinks)
+            foreach (var e in _entries) _sinks[e.Parameter] = new GradientSink(MainGrad.narrow(0, e.Offset, e.Numel).view(e.Parameter.shape));
         BindGradients();
     }
 
@@ -115,6 +126,13 @@ public sealed class GradientBuffer : IDisposable
 
     public IReadOnlyList<GradientBucket> Buckets => _buckets;
 
+    /// <summary>Whether gradients reach the main gradients through sinks (<c>direct</c> with low-precision parameters).</summary>
+    public bool Direct => _sinks.Count > 0;
+
+    /// <summary>The fp32 main gradient of <paramref name="parameter"/> as a sink (direct buffers only).</summary>
+    public GradientSink SinkOf(Parameter parameter) => _sinks.TryGetValue(parameter, out var sink) ? sink
+        : throw new InvalidOperationException($"The {Name} gradient buffer has no sink for that parameter (it is not a direct buffer, or the parameter is not in it).");
+
     /// <summary>This member's shard of a bucket: the elements the distributed optimizer updates here.</summary>
     public (long Start, long Length) Shard(GradientBucket bucket)
     {
@@ -134,13 +152,19 @@ public sealed class GradientBuffer : IDisposable
     public void BindGradients()
     {
         using var _ = torch.no_grad();
+        _firstMicroBatch = true;
+        if (Direct)
+        {
+            foreach (var e in _entries) e.Parameter.grad = null;
+            foreach (var sink in _sinks.Values) sink.Fresh = true;
+            return;
+        }
         if (ModelGrad is null) MainGrad.zero_();
         else if (_modelGradDirty) ModelGrad.zero_();
         _modelGradDirty = ModelGrad is not null;   // a backward is about to write into it
         var grads = ModelGrad ?? MainGrad;
         foreach (var e in _entries)
             e.Parameter.grad = grads.narrow(0, e.Offset, e.Numel).view(e.Parameter.shape);
-        _firstMicroBatch = true;
     }
 
     /// <summary>
@@ -149,6 +173,18 @@ public sealed class GradientBuffer : IDisposable
     /// </summary>
     public void AccumulateMicroBatch()
     {
+        if (Direct)
+        {
+            // Gradients autograd produced itself (the per-expert loop) go into the main gradients too.
+            foreach (var e in _entries)
+            {
+                using var g = e.Parameter.grad;
+                if (g is null) continue;
+                _sinks[e.Parameter].Accumulate(g);
+                e.Parameter.grad = null;
+            }
+            return;
+        }
         if (ModelGrad is null) return;
         using var _ = torch.no_grad();
         if (_firstMicroBatch) MainGrad.copy_(ModelGrad);
@@ -166,6 +202,8 @@ public sealed class GradientBuffer : IDisposable
     public void Reduce(bool sharded)
     {
         using var _ = torch.no_grad();
+        foreach (var sink in _sinks.Values)
+            if (sink.Fresh) sink.MainGradient.zero_();   // no gradient arrived this step: it is zero, not last step's
         foreach (var b in _buckets) ReduceBucket(b, sharded);
     }
 
@@ -173,6 +211,7 @@ public sealed class GradientBuffer : IDisposable
     {
         using var view = MainGrad.narrow(0, b.Start, b.Length);
         if (GradientScale != 1.0) view.mul_(GradientScale);
+        if (Group.Size == 1) return;   // the sum over one member is in place already
         if (!sharded)
         {
             Group.AllReduce(view);

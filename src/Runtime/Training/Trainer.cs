@@ -115,7 +115,7 @@ public sealed class Trainer : IDisposable
 
         // 4. Gradient buffers and the optimizer over them.
         Parameters = _model.ParametersInForwardOrder().ToList();
-        _buffers.AddRange(BuffersFor(Parameters, rank.Groups));
+        _buffers.AddRange(BuffersFor(_model, Parameters, rank.Groups));
         _optimizer = new DistributedOptimizer(_buffers, rank.Groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
 
         // 5. Resume a Moe checkpoint: weights, optimizer state and step, resharded to this layout; Run continues after it.
@@ -158,14 +158,28 @@ public sealed class Trainer : IDisposable
     /// context parallel, the experts' over expert data parallel, each in backward order, both pre-scaled by 1/DP
     /// as Megatron's gradient_scaling_factor is.
     /// </summary>
-    public static List<GradientBuffer> BuffersFor(IReadOnlyList<ModelParameter> parameters, ProcessGroups groups)
+    /// <remarks>
+    /// In bf16 the experts' weight gradients go straight into their fp32 main gradients (<see cref="GradientSink"/>,
+    /// Megatron's gradient-accumulation fusion): the expert buffer is direct and each layer's experts get its sinks.
+    /// </remarks>
+    public static List<GradientBuffer> BuffersFor(MixtralModel model, IReadOnlyList<ModelParameter> parameters, ProcessGroups groups)
     {
         var inBackwardOrder = parameters.Reverse().ToList();
         double scale = 1.0 / groups.DpCp.Size;
         var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale) };
-        if (expert.Count > 0) buffers.Add(new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale));
+        if (expert.Count > 0)
+        {
+            var experts = new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale, direct: true);
+            buffers.Add(experts);
+            if (experts.Direct)
+                foreach (var layer in model.Layers)
+                {
+                    var w = layer.Moe.ExpertWeights;
+                    w.Sinks = new ExpertGradientSinks(experts.SinkOf(w.GateUp), experts.SinkOf(w.Down));
+                }
+        }
         return buffers;
     }
 

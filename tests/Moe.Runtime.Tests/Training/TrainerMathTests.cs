@@ -178,3 +178,53 @@ public class GradientBufferTests
         Assert.Equal(2f, buffer.MainGrad[0].item<float>());
     }
 }
+
+/// <summary>Expert weight gradients straight into fp32 main gradients (bf16 training), as Megatron's gradient-accumulation fusion.</summary>
+public class GradientSinkTests
+{
+    [Fact]
+    public void DirectExpertBuffer_HoldsTheFp32SumOfEachMicroBatchsGradient()
+    {
+        torch.manual_seed(3);
+        using var experts = new Moe.Runtime.MixtureOfExperts.Experts(2, 16, 32, ScalarType.BFloat16, CPU);
+        using (torch.no_grad())
+        {
+            experts.GateUp.copy_(torch.randn(experts.GateUp.shape) * 0.2);
+            experts.Down.copy_(torch.randn(experts.Down.shape) * 0.2);
+        }
+        var counts = torch.tensor(new long[] { 3, 5 });
+        Tensor[] rows = [torch.randn(8, 16).to(ScalarType.BFloat16), torch.randn(8, 16).to(ScalarType.BFloat16)];
+        void Backward(Tensor r) => experts.Forward(r, counts).to(ScalarType.Float32).square().sum().backward();
+
+        // Reference: each micro-batch's gradients alone (autograd path into .grad), summed in fp32.
+        var expectedGateUp = torch.zeros(experts.GateUp.shape);
+        var expectedDown = torch.zeros(experts.Down.shape);
+        foreach (var r in rows)
+        {
+            experts.GateUp.grad = null;
+            experts.Down.grad = null;
+            Backward(r);
+            expectedGateUp += experts.GateUp.grad!.to(ScalarType.Float32);
+            expectedDown += experts.Down.grad!.to(ScalarType.Float32);
+        }
+
+        var world = new InProcessWorld(1, TimeSpan.FromSeconds(10)).Communicator(0);
+        using var buffer = new GradientBuffer("expert", [("gate_up", experts.GateUp, true, true), ("down", experts.Down, true, true)], world, 1 << 20, 1.0, direct: true);
+        Assert.True(buffer.Direct);
+        Assert.Null(buffer.ModelGrad);   // no bf16 copy of the expert gradients is kept
+        experts.Sinks = new Moe.Runtime.MixtureOfExperts.ExpertGradientSinks(buffer.SinkOf(experts.GateUp), buffer.SinkOf(experts.Down));
+        for (int step = 0; step < 2; step++)   // the second step must not see the first's sums
+        {
+            buffer.BindGradients();
+            foreach (var r in rows)
+            {
+                Backward(r);
+                buffer.AccumulateMicroBatch();
+            }
+            buffer.Reduce(sharded: true);
+            Assert.Null(experts.GateUp.grad);
+            Assert.True(torch.equal(buffer.SinkOf(experts.GateUp).MainGradient, expectedGateUp).all().item<bool>(), "gate_up main gradient");
+            Assert.True(torch.equal(buffer.SinkOf(experts.Down).MainGradient, expectedDown).all().item<bool>(), "down main gradient");
+        }
+    }
+}

@@ -100,7 +100,7 @@ public static class BenchCommand
         using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
-        var buffers = Trainer.BuffersFor(model.ParametersInForwardOrder().ToList(), rank.Groups);
+        var buffers = Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups);
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
         using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
         var (labels, mask) = MixtralModel.ShiftedLabels(ids);
