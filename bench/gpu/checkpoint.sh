@@ -42,6 +42,9 @@ same = all(torch.equal(sd[k], v) for k, v in ours.items() if k in sd)
 print(f"transformers {transformers.__version__} loaded {sys.argv[1]}: {sum(p.numel() for p in m.parameters())} parameters; per-expert tensors equal where names match: {same}")
 PY
 
+# CKPT_PARTS=1 stops after part 1 (a one-GPU machine).
+[ "${CKPT_PARTS:-all}" = 1 ] && exit 0
+
 echo "== 2. fp32, EP 2 on two GPUs: save at 5; resume at EP 2 and on one GPU" | tee -a $OUT/checkpoint.log
 $C tiny-fp32 train --device cuda --gpus 2 --ep 2 --steps 10 --save $D/ep2 --save-interval 5 --log-every 1 --metrics $OUT/ep2_full.jsonl 2>&1 | tee -a $OUT/checkpoint.log
 $C tiny-fp32 train --device cuda --gpus 2 --ep 2 --steps 10 --load $D/ep2/iter_0000005 --log-every 1 --metrics $OUT/ep2_resumed.jsonl 2>&1 | tee -a $OUT/checkpoint.log
