@@ -105,7 +105,7 @@ CASES = {
                                  moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3), 1, ("bias_changes_choice",)),
     "group_limited": (dict(moe_router_num_groups=2, moe_router_group_topk=1), 1, ("groups_change_choice",)),
     "group_limited_sigmoid_bias": (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                                        moe_router_num_groups=4, moe_router_group_topk=2,
+                                        moe_router_num_groups=4, moe_router_group_topk=2, moe_router_bias_update_rate=1e-3,
                                         moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3),
                                    1, ("groups_change_choice",)),
     "router_fp64_pre_softmax": (dict(moe_router_dtype="fp64", moe_router_pre_softmax=True,

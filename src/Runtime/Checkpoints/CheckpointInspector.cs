@@ -152,7 +152,7 @@ public static class CheckpointInspector
         }).ToList();
         try
         {
-            MixtralStateDictAdapter.WriteFolder(temp, tensors, meta.ModelConfig, maxShardBytes);
+            MixtralStateDictAdapter.WriteFolder(temp, tensors, MixtralStateDictAdapter.HubConfig(c.Config, meta.ModelDtype), maxShardBytes);
             if (Directory.Exists(output)) Directory.Delete(output);
             Directory.Move(temp, output);
         }

@@ -398,7 +398,26 @@ public static class MixtralStateDictAdapter
 
     private static void WriteJson(string path, object value)
     {
-        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(value, new JsonSerializerOptions { WriteIndented = true }));
+        var options = new JsonSerializerOptions { WriteIndented = true, Converters = { new PythonFloatConverter() } };
+        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(value, options));
         File.Move(path + ".tmp", path, overwrite: true);
+    }
+
+    /// <summary>
+    /// Writes a double as a Python float literal (0 as 0.0, 1000000 as 1000000.0): System.Text.Json writes integral
+    /// doubles without a fraction, Python's json reads those as int, and transformers' strictly typed configs refuse
+    /// an int for a float field (router_jitter_noise: "expected float, got int").
+    /// </summary>
+    private sealed class PythonFloatConverter : System.Text.Json.Serialization.JsonConverter<double>
+    {
+        public override double Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) => reader.GetDouble();
+
+        public override void Write(Utf8JsonWriter writer, double value, JsonSerializerOptions options)
+        {
+            if (!double.IsFinite(value))
+                throw new InvalidOperationException($"config.json cannot hold the non-finite value {value}.");
+            string text = value.ToString("R", System.Globalization.CultureInfo.InvariantCulture);
+            writer.WriteRawValue(text.IndexOfAny(['.', 'E', 'e']) >= 0 ? text : text + ".0");
+        }
     }
 }

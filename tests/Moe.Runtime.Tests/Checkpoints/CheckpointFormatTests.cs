@@ -137,6 +137,18 @@ public class CheckpointFormatTests : IDisposable
         Assert.Equal((f.VocabSize, f.HiddenSize, f.IntermediateSize, f.Layers, f.Heads, f.KeyValueHeads, f.HeadDim, f.Experts, f.TopK),
             (c.VocabSize, c.HiddenSize, c.IntermediateSize, c.Layers, c.Heads, c.KeyValueHeads, c.HeadDim, c.Experts, c.TopK));
         Assert.Equal((f.RopeTheta, f.RmsNormEps, f.RouterAuxLossCoef, f.MaxPositionEmbeddings), (c.RopeTheta, c.RmsNormEps, c.RouterAuxLossCoef, c.MaxPositionEmbeddings));
+        // Every field transformers wrote as a float is a float literal in ours too (its strict config refuses an int).
+        using (var hubJson = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(fixture, "config.json"))))
+        using (var ourJson = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(exported, "config.json"))))
+        {
+            var floats = hubJson.RootElement.EnumerateObject()
+                .Where(p => p.Value.ValueKind == System.Text.Json.JsonValueKind.Number && p.Value.GetRawText().IndexOfAny(['.', 'e', 'E']) >= 0)
+                .Select(p => p.Name).ToList();
+            Assert.Contains("router_jitter_noise", floats);
+            foreach (var name in floats)
+                Assert.True(ourJson.RootElement.TryGetProperty(name, out var v) && v.GetRawText().IndexOfAny(['.', 'e', 'E']) >= 0,
+                    $"{name} is not written as a float: {(ourJson.RootElement.TryGetProperty(name, out var w) ? w.GetRawText() : "missing")}");
+        }
         using var reloaded = MixtralStateDictAdapter.LoadModel(exported, ScalarType.Float32, CPU);
         Assert.Empty(Directory.GetDirectories(_dir, ".*"));
     }

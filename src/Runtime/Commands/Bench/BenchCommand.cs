@@ -34,8 +34,13 @@ public static class BenchCommand
     /// <param name="Expert">Expert-parallel size.</param>
     /// <param name="MicroBatches">Micro-batches per step (gradients accumulated, then reduced).</param>
     /// <param name="Dispatcher">alltoall or allgather.</param>
+    /// <param name="MainGrads">
+    /// Gradients go through the trainer's buffers (fp32 main gradients, Megatron's accumulate_allreduce_grads_in_fp32,
+    /// reduced as training reduces them). False, one rank only: they stay in the parameters' own (bf16) .grad, as in
+    /// the transformers baseline's protocol.
+    /// </param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall");
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true);
 
     public const double PeakTflops = 790;
 
@@ -45,6 +50,8 @@ public static class BenchCommand
             throw new UserError("--layers, --micro-batch-size, --micro-batches and --iters must be at least 1 and --seq at least 2.");
         if (r.Gpus < 1 || r.Expert < 1 || r.Gpus % r.Expert != 0)
             throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --ep {r.Expert}.");
+        if (!r.MainGrads && r.Gpus > 1)
+            throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
@@ -100,7 +107,7 @@ public static class BenchCommand
         using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
-        var buffers = Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups);
+        var buffers = r.MainGrads ? Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups) : [];
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
         using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
         var (labels, mask) = MixtralModel.ShiftedLabels(ids);
@@ -115,6 +122,7 @@ public static class BenchCommand
             var watch = Stopwatch.StartNew();
             HostTrace.Start();
             foreach (var b in buffers) b.BindGradients();
+            if (!r.MainGrads) foreach (var p in model.parameters()) p.grad = null;
             for (int m = 0; m < r.MicroBatches; m++)
             {
                 using var _ = torch.NewDisposeScope();
@@ -189,6 +197,7 @@ public static class BenchCommand
             ["dp"] = r.Gpus,
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
+            ["main_grads"] = r.MainGrads,
             ["step_s"] = result.StepSeconds,
             ["tokens_per_s_per_gpu"] = tokensPerSecond,
             ["tflops_per_gpu"] = flops / 1e12,

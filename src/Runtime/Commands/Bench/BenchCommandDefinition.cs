@@ -25,7 +25,13 @@ public sealed class BenchCommandDefinition
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
         Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher }) Command.Options.Add(o);
+        MainGrads = new Option<bool>("--main-grads")
+        {
+            Description = "Accumulate and reduce gradients in the trainer's fp32 main-gradient buffers (true, what training does) or leave them " +
+                "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
+            DefaultValueFactory = _ => true,
+        };
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -39,4 +45,5 @@ public sealed class BenchCommandDefinition
     public Option<int> Expert { get; }
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }
+    public Option<bool> MainGrads { get; }
 }
