@@ -1,0 +1,117 @@
+using Moe.Dsl;
+using Moe.Dsl.Layout;
+using Moe.Dsl.Validation;
+using Moe.Runtime.Distributed.InProcess;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
+using Moe.Runtime.Training;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace Moe.Runtime.Tests.Distributed;
+
+/// <summary>
+/// Tensor and sequence parallel against the one-device run (ParallelEquivalenceTests' TinyMixtral, float32,
+/// in-process ranks: losses per step, per-expert counts, and each rank's block of every reduced gradient after step 1
+/// within 1e-5 relative), the vocab-parallel pieces against PyTorch's single-device functions, and the run-time
+/// refusals of layouts that do not divide the model.
+/// </summary>
+[Collection("Console")]
+public class TensorParallelTests
+{
+    private static Parallelism TpSp(int gpus, int ep = 1, int? etp = null) =>
+        new() { Gpus = gpus, Tensor = 2, SequenceParallel = true, Expert = ep, ExpertTensor = etp };
+
+    [Fact]
+    public void TensorParallelWithSequenceParallel_EqualsTheOneDeviceRun() =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(2)));
+
+    [Fact]
+    public void TensorParallelTimesExpertParallel_EqualsTheOneDeviceRun() =>   // TP 2 + SP × EP 2 (ETP = TP = 2) on 4 ranks
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4, ep: 2)));
+
+    [Fact]
+    public void TensorParallelWithWholeExperts_EqualsTheOneDeviceRun() =>   // TP 2 + SP, ETP 1 × EP 2, data parallel 2 on 4 ranks
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4, ep: 2, etp: 1)));
+
+    [Fact]
+    public void ExpertTensorParallelWithoutTensorParallel_EqualsTheOneDeviceRun() =>   // ETP 2, TP 1, EP 1: data parallel 2
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, ExpertTensor = 2 }));
+
+    [Fact]
+    public void TensorParallelWithSeqAuxLossAndZLoss_EqualsTheOneDeviceRun() =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(2),
+            s => s with { Router = s.Router with { LoadBalancing = LoadBalancing.SeqAuxLoss, ZLossCoeff = 1e-3 } }));
+
+    [Fact]
+    public void TensorParallelWithoutSequenceParallel_IsRefusedByRuleAndAtRunTime()
+    {
+        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Tensor = 2 });
+        Assert.Contains(RuleSet.Validate(s), f => f.Rule.Id == DiagnosticIds.TensorParallelMoeNeedsSequenceParallel);
+        var errors = InProcessJob.Run(new RankLayout(2, 2, 1, 1, 1, 2, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60),
+            rank => Assert.Throws<UserError>(() => new Trainer(s, rank, TextWriter.Null)).Message);
+        Assert.All(errors, e => Assert.Contains("Tensor (2) > 1 runs with SequenceParallel = true only", e));
+    }
+
+    [Theory]
+    [InlineData(999, 4, 2, "The vocabulary (999 tokens) must be a multiple of Tensor (2)")]
+    [InlineData(1000, 2, 1, "Tensor (2) must divide the 2 attention heads and the 1 key-value heads")]
+    public void LayoutNotDividingTheModel_IsAUserErrorNamingTheNumbers(int vocab, int heads, int kvHeads, string expected)
+    {
+        var config = MixtralConfig.From(Model.TinyMixtral with { VocabSize = vocab, AttentionHeads = heads, KeyValueHeads = kvHeads, HiddenSize = 64 });
+        var errors = InProcessJob.Run(new RankLayout(2, 2, 1, 1, 1, 2, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60), rank =>
+        {
+            var plan = ParallelPlan.For(rank.Groups, config.Experts, TokenDispatcher.AllToAll, sequenceParallel: true);
+            return Assert.Throws<UserError>(() => new MixtralModel(config, new MoeOptions { TopK = 2 }, ScalarType.Float32, CPU, plan)).Message;
+        });
+        Assert.All(errors, e => Assert.Contains(expected, e));
+    }
+
+    [Fact]
+    public void SequenceNotDividingUnderOverrides_IsRefusedByRule()
+    {
+        var s = ParallelEquivalenceTests.Tiny(TpSp(2), s => s with { Data = s.Data with { SequenceLength = 63 } });
+        var finding = Assert.Single(RuleSet.Validate(s), f => f.Rule.Id == DiagnosticIds.SequenceNotDivisibleForSequenceParallel);
+        Assert.Contains("63", finding.Message);
+    }
+
+    /// <summary>
+    /// The vocab-parallel embedding and cross-entropy on two ranks against index_select and cross_entropy of the whole
+    /// tables on one: the same embedding rows (each rank its positions), the same loss, and each rank's columns of the
+    /// whole logits' gradient.
+    /// </summary>
+    [Fact]
+    public void VocabParallelEmbeddingAndCrossEntropy_EqualTheWholeVocabulary()
+    {
+        const int vocab = 10, hidden = 3, b = 2, s = 4;
+        var generator = new torch.Generator(7);
+        var tableVH = torch.randn(vocab, hidden, generator: generator);
+        var logitsTV = torch.randn(b * s, vocab, generator: generator);
+        var ids = torch.tensor(new long[] { 0, 9, 4, 5, 3, 7, 8, 1 }).view(b, s);
+        var targets = torch.tensor(new long[] { 2, 9, -100, 5, 0, 4, 6, 7 });
+        var expectedEmbedding = tableVH.index_select(0, ids.flatten()).view(b, s, hidden);
+        var wholeLogits = logitsTV.clone().requires_grad_();
+        var expectedLoss = nn.functional.cross_entropy(wholeLogits, targets, ignore_index: -100);
+        expectedLoss.backward();
+
+        var config = MixtralConfig.From(Model.TinyMixtral with { VocabSize = vocab });
+        var results = InProcessJob.Run(new RankLayout(2, 2, 1, 1, 1, 2, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60), rank =>
+        {
+            var tp = TensorParallel.For(ParallelPlan.For(rank.Groups, config.Experts, TokenDispatcher.AllToAll, sequenceParallel: true), config);
+            int r = tp.Rank;
+            var shard = new TorchSharp.Modules.Parameter(tableVH.narrow(0, r * 5, 5).clone());
+            var embedded = tp.Embed(shard, ids).detach().clone();
+            var local = logitsTV.narrow(1, r * 5, 5).clone().requires_grad_();
+            var loss = tp.CrossEntropy(local, targets, -100);
+            loss.backward();
+            return (r, embedded, loss.item<float>(), local.grad!.clone());
+        });
+        foreach (var (r, embedded, loss, grad) in results)
+        {
+            Assert.True(embedded.allclose(expectedEmbedding.narrow(1, r * 2, 2), 1e-6, 1e-7), $"rank {r}: embedding of its positions");
+            Assert.Equal(expectedLoss.item<float>(), loss, 5);
+            Assert.True(grad.allclose(wholeLogits.grad!.narrow(1, r * 5, 5), 1e-5, 1e-7), $"rank {r}: gradient of its vocabulary columns");
+        }
+    }
+}
