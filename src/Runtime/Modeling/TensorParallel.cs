@@ -101,11 +101,14 @@ public sealed class TensorParallel
         return new TensorShard([vocab, hidden], [count, hidden], [first, 0]);
     }
 
-    /// <summary>This rank's block of the grouped q/k/v weight, viewed [Nkv, (r + 2)·d, H]: its whole key-value groups.</summary>
+    /// <summary>
+    /// This rank's block of the grouped q/k/v weight [Nkv·(r + 2)·d, H]: its whole key-value groups, one contiguous run of
+    /// rows (the grouped layout puts each group's query, key and value rows together).
+    /// </summary>
     public TensorShard QkvShard(Attention a, int keyValueHeads, long hidden)
     {
         long rows = (long)(a.QueryHeadsPerGroup + 2) * a.HeadDim;
-        return new TensorShard([keyValueHeads, rows, hidden], [a.Groups, rows, hidden], [(long)Rank * a.Groups, 0, 0]);
+        return new TensorShard([keyValueHeads * rows, hidden], [a.Groups * rows, hidden], [Rank * a.Groups * rows, 0]);
     }
 
     /// <summary>This rank's columns of o_proj [H, Nq·d]: the input columns of its query heads.</summary>
