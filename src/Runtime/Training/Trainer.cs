@@ -372,12 +372,18 @@ public sealed class Trainer : IDisposable
     /// positions) summed over the tensor-parallel group before the data-parallel reduction (Megatron's
     /// finalize_model_grads, _allreduce_non_tensor_model_parallel_grads).
     /// </summary>
-    private void SumReplicatedGradientsOverTensorParallel()
+    private void SumReplicatedGradientsOverTensorParallel() => SumReplicatedGradients(_model, Parameters, _buffers);
+
+    /// <summary>
+    /// Sums over the tensor-parallel group the accumulated gradients of the parameters every tensor rank holds whole
+    /// (<see cref="TensorParallel.IsReplicated"/>); call after the micro-batches, before the buffers reduce. Nothing at TP 1.
+    /// </summary>
+    public static void SumReplicatedGradients(MixtralModel model, IReadOnlyList<ModelParameter> parameters, IEnumerable<GradientBuffer> buffers)
     {
-        var tp = _model.TensorParallel;
+        var tp = model.TensorParallel;
         if (tp.Size == 1) return;
-        var replicated = Parameters.Where(tp.IsReplicated).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
-        foreach (var buffer in _buffers)
+        var replicated = parameters.Where(tp.IsReplicated).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        foreach (var buffer in buffers)
             tp.SumReplicatedGradients(buffer.MainGrad, buffer.Entries.Where(e => replicated.Contains(e.Name)).Select(e => (e.Offset, e.Numel)).ToList());
     }
 

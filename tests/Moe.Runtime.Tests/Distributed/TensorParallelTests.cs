@@ -178,4 +178,22 @@ public class TensorParallelTests : IDisposable
             Assert.True(a.shape.SequenceEqual(b.shape) && a.bytes.SequenceEqual(b.bytes), $"{key} differs");
         }
     }
+
+    [Fact]
+    public void BenchWithTensorParallel_ReportsPerGpuThroughputOfOneReplica()
+    {
+        // TP 2 on two in-process ranks: one data-parallel replica whose 32 tokens a step are shared by 2 GPUs.
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 32, 1, 2, "cpu", Gpus: 2, Tensor: 2), output));
+        using var doc = System.Text.Json.JsonDocument.Parse(output.ToString());
+        Assert.Equal(2, doc.RootElement.GetProperty("tp").GetInt32());
+        Assert.Equal(1, doc.RootElement.GetProperty("dp").GetInt32());
+        double step = doc.RootElement.GetProperty("step_s").GetDouble(), perGpu = doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble();
+        Assert.Equal(32 / 2 / step, perGpu, 6);
+    }
+
+    [Fact]
+    public void BenchWithASequenceTensorDoesNotDivide_IsAUserErrorNamingBoth() =>
+        Assert.Contains("--seq 33 must be a multiple of --tp 2", Assert.Throws<UserError>(() =>
+            Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 33, 1, 2, "cpu", Gpus: 2, Tensor: 2), new StringWriter())).Message);
 }

@@ -25,7 +25,8 @@ public sealed class BenchCommandDefinition
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
         Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher }) Command.Options.Add(o);
+        Tensor = new Option<int>("--tp") { Description = "Tensor-parallel size with sequence parallel (divides --gpus, the heads and --seq); experts split with ETP = TP.", DefaultValueFactory = _ => 1 };
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, Tensor }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -39,4 +40,5 @@ public sealed class BenchCommandDefinition
     public Option<int> Expert { get; }
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }
+    public Option<int> Tensor { get; }
 }
