@@ -39,9 +39,11 @@ public class TensorParallelTests : IDisposable
     public void TensorParallelTimesExpertParallel_EqualsTheOneDeviceRun() =>   // TP 2 + SP × EP 2 (ETP = TP = 2) on 4 ranks
         ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4, ep: 2)));
 
-    [Fact]
-    public void TensorParallelWithWholeExperts_EqualsTheOneDeviceRun() =>   // TP 2 + SP, ETP 1 × EP 2, data parallel 2 on 4 ranks
-        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4, ep: 2, etp: 1)));
+    [Theory]
+    [InlineData(2)]   // TP 2 + SP with EP 2 × ETP 1 on the same two ranks (MoE parallel folding)
+    [InlineData(4)]   // the same with data parallel 2
+    public void TensorParallelWithWholeExperts_EqualsTheOneDeviceRun(int gpus) =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(gpus, ep: 2, etp: 1)));
 
     [Fact]
     public void ExpertTensorParallelWithoutTensorParallel_EqualsTheOneDeviceRun() =>   // ETP 2, TP 1, EP 1: data parallel 2
