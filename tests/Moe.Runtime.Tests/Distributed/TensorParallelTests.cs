@@ -88,8 +88,8 @@ public class TensorParallelTests : IDisposable
 
     /// <summary>
     /// The vocab-parallel embedding and cross-entropy on two ranks against index_select and cross_entropy of the whole
-    /// tables on one: the same embedding rows (each rank its positions), the same loss, and each rank's columns of the
-    /// whole logits' gradient.
+    /// tables on one: the same embedding rows (each rank its positions), the same loss, each rank's columns of the
+    /// whole logits' gradient, and the whole logits gathered from the columns.
     /// </summary>
     [Fact]
     public void VocabParallelEmbeddingAndCrossEntropy_EqualTheWholeVocabulary()
@@ -115,10 +115,12 @@ public class TensorParallelTests : IDisposable
             var local = logitsTV.narrow(1, r * 5, 5).clone().requires_grad_();
             var loss = tp.CrossEntropy(local, targets, -100);
             loss.backward();
-            return (r, embedded, loss.item<float>(), local.grad!.clone());
+            var gathered = tp.GatherVocabulary(local.detach().view(b, s, 5));
+            return (r, embedded, loss.item<float>(), local.grad!.clone(), gathered);
         });
-        foreach (var (r, embedded, loss, grad) in results)
+        foreach (var (r, embedded, loss, grad, gathered) in results)
         {
+            Assert.True(gathered.allclose(logitsTV.view(b, s, vocab), 0, 0), $"rank {r}: logits gathered over the vocabulary");
             Assert.True(embedded.allclose(expectedEmbedding.narrow(1, r * 2, 2), 1e-6, 1e-7), $"rank {r}: embedding of its positions");
             Assert.Equal(expectedLoss.item<float>(), loss, 5);
             Assert.True(grad.allclose(wholeLogits.grad!.narrow(1, r * 5, 5), 1e-5, 1e-7), $"rank {r}: gradient of its vocabulary columns");
