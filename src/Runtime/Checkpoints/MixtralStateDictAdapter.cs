@@ -44,10 +44,12 @@ public static class MixtralStateDictAdapter
     public static IReadOnlyList<HubTensor> HubTensors(MixtralModel model)
     {
         var c = model.Config;
+        // Tensor parallel: the LM head and the embedding are split by vocabulary rows.
+        TensorShard? vocab = model.TensorSize > 1 ? model.TensorParallel.VocabShard(c.VocabSize, c.HiddenSize) : null;
         var list = new List<HubTensor>
         {
-            new("lm_head.weight", model.LmHead, t => t),
-            new("model.embed_tokens.weight", model.Embedding, t => t),
+            new("lm_head.weight", model.LmHead, t => t, vocab),
+            new("model.embed_tokens.weight", model.Embedding, t => t, vocab),
         };
         for (int l = 0; l < c.Layers; l++)
         {

@@ -79,9 +79,14 @@ public static class AuxLosses
     /// <param name="scoresTE">Aux scores (fp32), each row summing to one.</param>
     /// <param name="routedPerExpertE">c_e (integer or, for <see cref="Global"/>, averaged float counts).</param>
     /// <param name="topK">K.</param>
-    public static Tensor Switch(Tensor scoresTE, Tensor routedPerExpertE, int topK)
+    /// <param name="totalTokens">
+    /// T of the formula: the tokens the counts were taken over (default: this rank's). Under sequence parallel the
+    /// counts are summed over the tensor-parallel group and T is its tokens, while the scores are this rank's: the
+    /// ranks' losses add up to the loss of the whole micro-batch.
+    /// </param>
+    public static Tensor Switch(Tensor scoresTE, Tensor routedPerExpertE, int topK, long? totalTokens = null)
     {
-        long tokens = scoresTE.shape[0];
+        long tokens = totalTokens ?? scoresTE.shape[0];
         int experts = (int)scoresTE.shape[1];
         var probSumE = scoresTE.sum([0]);
         return (probSumE * routedPerExpertE.to(ScalarType.Float32)).sum() * (experts / ((double)topK * tokens * tokens));
@@ -96,13 +101,22 @@ public static class AuxLosses
     /// <param name="expertsTK">Top-k expert ids of each token (before capacity).</param>
     /// <param name="batch">B.</param>
     /// <param name="topK">K.</param>
-    public static Tensor Sequence(Tensor scoresTE, Tensor expertsTK, int batch, int topK)
+    /// <param name="group">
+    /// The ranks holding the other positions of the same sequences (sequence parallel), or null: each sequence's
+    /// counts are summed over it and S is the whole sequence, the scores staying this rank's.
+    /// </param>
+    public static Tensor Sequence(Tensor scoresTE, Tensor expertsTK, int batch, int topK, Distributed.Communicator? group = null)
     {
         long tokens = scoresTE.shape[0];
         int experts = (int)scoresTE.shape[1];
-        long seq = tokens / batch;
-        var countsBE = nn.functional.one_hot(expertsTK, experts).sum([1]).to(ScalarType.Float32).view(batch, seq, experts).sum([1]);
-        var probSumBE = scoresTE.view(batch, seq, experts).sum([1]);
+        long local = tokens / batch, seq = local * (group?.Size ?? 1);
+        var countsBE = nn.functional.one_hot(expertsTK, experts).sum([1]).to(ScalarType.Float32).view(batch, local, experts).sum([1]);
+        if (group is { Size: > 1 })
+        {
+            countsBE = countsBE.contiguous().clone();
+            group.AllReduce(countsBE);
+        }
+        var probSumBE = scoresTE.view(batch, local, experts).sum([1]);
         return (probSumBE * countsBE).sum([1]).mean() * (experts / ((double)topK * seq * seq));
     }
 
@@ -113,8 +127,8 @@ public static class AuxLosses
     /// Megatron also sums the counts over the TP×DP×CP group and multiplies T by its size; one process has
     /// group size 1. The running sum lives in <see cref="GlobalAuxLossTracker"/>.
     /// </summary>
-    public static Tensor Global(Tensor scoresTE, Tensor averagedRoutedPerExpertE, int topK) =>
-        Switch(scoresTE, averagedRoutedPerExpertE, topK);
+    public static Tensor Global(Tensor scoresTE, Tensor averagedRoutedPerExpertE, int topK, long? totalTokens = null) =>
+        Switch(scoresTE, averagedRoutedPerExpertE, topK, totalTokens);
 
     /// <summary>
     /// Router z-loss (Zoph et al. 2022, "ST-MoE", arXiv:2202.08906, eq. 5; Megatron <c>z_loss_func</c>):

@@ -96,6 +96,14 @@ public sealed class MoeLayer : nn.Module
         }
     }
 
+    /// <summary>
+    /// The ranks that hold the other tokens of this rank's sequences (Megatron's tp_cp_group; null: none). Under
+    /// sequence parallel each rank routes its own positions, so the balance losses count routed pairs over the group
+    /// and divide by its total tokens, and the z-loss coefficient is divided by its size: each rank's loss is its
+    /// part of the one-device loss (router.py, <c>_apply_aux_loss</c> with <c>reduce_group</c>).
+    /// </summary>
+    public Distributed.Communicator? AuxLossGroup { get; init; }
+
     /// <summary>How rows reach this rank's experts (<see cref="LocalExpertDispatcher"/> when every expert is here).</summary>
     public IExpertDispatcher Dispatcher { get; }
 
@@ -149,11 +157,12 @@ public sealed class MoeLayer : nn.Module
         var r = output.Routing;
         int k = options.TopK;
         if (options.LoadBalancing == Dsl.LoadBalancing.None) return torch.zeros(1, device: r.ScoresTE.device).squeeze();
-        if (options.LoadBalancing == Dsl.LoadBalancing.SeqAuxLoss) return AuxLosses.Sequence(r.ScoresTE, r.AuxExpertsTK, sequences, k);
-        var countsE = LocalTokenDispatcher.CountPerExpert(r.AuxExpertsTK.flatten(), NumExperts);
+        if (options.LoadBalancing == Dsl.LoadBalancing.SeqAuxLoss) return AuxLosses.Sequence(r.ScoresTE, r.AuxExpertsTK, sequences, k, AuxLossGroup);
+        var countsE = SummedOverGroup(LocalTokenDispatcher.CountPerExpert(r.AuxExpertsTK.flatten(), NumExperts));
+        long tokens = r.ScoresTE.shape[0] * (AuxLossGroup?.Size ?? 1);
         return options.LoadBalancing == Dsl.LoadBalancing.GlobalAuxLoss
-            ? AuxLosses.Global(r.ScoresTE, training && torch.is_grad_enabled() ? globalTracker.Accumulate(countsE) : countsE.to(ScalarType.Float32), k)
-            : AuxLosses.Switch(r.ScoresTE, countsE, k);
+            ? AuxLosses.Global(r.ScoresTE, training && torch.is_grad_enabled() ? globalTracker.Accumulate(countsE) : countsE.to(ScalarType.Float32), k, tokens)
+            : AuxLosses.Switch(r.ScoresTE, countsE, k, tokens);
     }
 
     /// <summary>
@@ -166,6 +175,15 @@ public sealed class MoeLayer : nn.Module
         if (expertBias is null) return;
         if (training) expertBias.Update(options.BiasUpdateRate);
         else expertBias.ResetCounts();
+    }
+
+    /// <summary>Integer counts summed over <see cref="AuxLossGroup"/> (no gradient flows through counts).</summary>
+    private Tensor SummedOverGroup(Tensor countsE)
+    {
+        if (AuxLossGroup is not { Size: > 1 } group) return countsE;
+        var sum = countsE.contiguous().clone();
+        group.AllReduce(sum);
+        return sum;
     }
 
     private static MoeOptions Checked(MoeOptions o, int experts)

@@ -15,14 +15,22 @@ public sealed class DecoderLayer : nn.Module
     private readonly Attention self_attn;
     private readonly MoeLayer mlp;
     private readonly double eps;
+    private readonly TensorParallel tp;
 
-    public DecoderLayer(MixtralConfig c, MoeOptions options, ScalarType dtype, Device device, IExpertDispatcher? dispatcher = null) : base("layer")
+    /// <param name="c">The config.</param>
+    /// <param name="options">Routing, capacity and loss semantics of the MoE layer.</param>
+    /// <param name="dtype">Parameter dtype.</param>
+    /// <param name="device">Parameter device.</param>
+    /// <param name="dispatcher">This rank's experts' dispatcher (null: all experts here).</param>
+    /// <param name="tensorParallel">Tensor and sequence parallel (null: none): attention heads split, the residual stream a sequence shard.</param>
+    public DecoderLayer(MixtralConfig c, MoeOptions options, ScalarType dtype, Device device, IExpertDispatcher? dispatcher = null, TensorParallel? tensorParallel = null) : base("layer")
     {
         eps = c.RmsNormEps;
+        tp = tensorParallel ?? TensorParallel.For(null, c);
         input_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
         post_attention_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
-        self_attn = new Attention(c, dtype, device);
-        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device, dispatcher);
+        self_attn = new Attention(c, dtype, device, tp.Size);
+        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device, dispatcher) { AuxLossGroup = tp.Size > 1 ? tp.Group : null };
         RegisterComponents();
     }
 
@@ -36,10 +44,14 @@ public sealed class DecoderLayer : nn.Module
     /// autograd alone decides what stays for the backward, as in PyTorch (handles kept until the end of the step
     /// would hold every temporary — RoPE, projections, the weighted expert outputs — through the backward).
     /// </remarks>
+    /// <param name="xBSH">The residual stream: [B, S, H], or this rank's [B, S/TP, H] positions under sequence parallel.</param>
+    /// <param name="rope">cos/sin tables of the whole sequence.</param>
+    /// <param name="mask">Attention mask of the whole sequence, or null for causal.</param>
     public (Tensor HiddenBSH, MoeLayerOutput Moe) Forward(Tensor xBSH, (Tensor, Tensor) rope, Tensor? mask)
     {
         using var scope = torch.NewDisposeScope();
-        xBSH = xBSH + self_attn.Forward(Kernels.RmsNorm(xBSH, input_layernorm, eps), rope, mask);
+        // Sequence parallel: the attention (column- then row-parallel) sees the whole sequence; the norms and the MoE layer this rank's positions.
+        xBSH = xBSH + tp.ReduceScatterSequence(self_attn.Forward(tp.GatherSequence(Kernels.RmsNorm(xBSH, input_layernorm, eps)), rope, mask));
         HostTrace.Mark("attention");
         long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
         var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h), (int)b);
@@ -66,6 +78,7 @@ public sealed class MixtralModel : nn.Module
 {
     private readonly Parameter embed_tokens, norm, lm_head;
     private readonly ModuleList<DecoderLayer> layers;
+    private readonly TensorParallel tp;
 
     /// <param name="config">The model's config.</param>
     /// <param name="options">Routing, capacity and loss semantics of every MoE layer.</param>
@@ -79,10 +92,12 @@ public sealed class MixtralModel : nn.Module
         Config = config;
         Dtype = dtype;
         Plan = plan;
-        embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
-        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher())).ToArray());
+        tp = TensorParallel.For(plan, config);
+        long vocab = tp.VocabRange(config.VocabSize).Count;   // vocab-parallel embedding and column-parallel LM head: V / TP rows
+        embed_tokens = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
+        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher(), tp)).ToArray());
         norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
-        lm_head = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        lm_head = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
         RegisterComponents();
     }
 
@@ -97,6 +112,9 @@ public sealed class MixtralModel : nn.Module
     /// <summary>This rank's index in its tensor-parallel group.</summary>
     public int TensorRank => Plan?.Groups.Tp.Rank ?? 0;
 
+    /// <summary>This rank's tensor and sequence parallelism (the identity at TP 1).</summary>
+    public TensorParallel TensorParallel => tp;
+
     public ScalarType Dtype { get; }
 
     /// <summary>
@@ -107,14 +125,16 @@ public sealed class MixtralModel : nn.Module
     public IEnumerable<ModelParameter> ParametersInForwardOrder()
     {
         ModelParameter Whole(string name, Parameter p) => new(name, p, false, TensorShard.Whole(p.shape));
-        yield return Whole("model.embed_tokens", embed_tokens);
+        ModelParameter Split(string name, Parameter p, Func<TensorShard> shard) => tp.Size == 1 ? Whole(name, p) : new(name, p, false, shard());
+        long vocab = Config.VocabSize, hidden = Config.HiddenSize;
+        yield return Split("model.embed_tokens", embed_tokens, () => tp.VocabShard(vocab, hidden));
         for (int l = 0; l < layers.Count; l++)
         {
             var layer = layers[l];
             string prefix = $"model.layers.{l}.";
             yield return Whole(prefix + "input_layernorm", layer.InputNorm);
-            yield return Whole(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv);
-            yield return Whole(prefix + "self_attn.o_proj", layer.SelfAttention.O);
+            yield return Split(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv, () => tp.QkvShard(layer.SelfAttention, Config.KeyValueHeads, hidden));
+            yield return Split(prefix + "self_attn.o_proj", layer.SelfAttention.O, () => tp.OutputShard(layer.SelfAttention, Config.Heads, hidden));
             yield return Whole(prefix + "post_attention_layernorm", layer.PostAttentionNorm);
             yield return Whole(prefix + "mlp.gate", layer.Moe.Gate);
             var place = layer.Moe.Dispatcher.Placement;
@@ -126,7 +146,7 @@ public sealed class MixtralModel : nn.Module
                 new TensorShard([e, h, ffn], [local, h, slice], [first, 0, at]));
         }
         yield return Whole("model.norm", norm);
-        yield return Whole("lm_head", lm_head);
+        yield return Split("lm_head", lm_head, () => tp.VocabShard(vocab, hidden));
     }
 
     public Parameter Embedding => embed_tokens;
@@ -196,7 +216,8 @@ public sealed class MixtralModel : nn.Module
             mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
         }
 
-        var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
+        // Under sequence parallel the residual stream holds this rank's S/TP positions from here to the final norm.
+        var xBSH = tp.Embed(embed_tokens, inputIdsBS);
         HostTrace.Mark("embedding");
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
         foreach (var layer in layers)
@@ -209,7 +230,7 @@ public sealed class MixtralModel : nn.Module
         {
             // Its own scope, like the layers': without logits asked for, the bf16 logits and their fp32 copy are
             // released here (cross-entropy keeps only its log-probabilities for the backward).
-            logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps), lm_head);
+            logitsBSV = nn.functional.linear(tp.GatherSequence(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps)), lm_head);   // [B, S, V/TP]
             HostTrace.Mark("lm head");
             if (labelsBS is not null)
             {
@@ -218,22 +239,23 @@ public sealed class MixtralModel : nn.Module
                 // blocked the host until the GPU had caught up: 11 ms a step, bench MOE_HOST_TRACE=1.)
                 var targets = lossMaskBS is null ? labelsBS.flatten() : labelsBS.flatten().masked_fill(lossMaskBS.flatten().le(0), IgnoreIndex);
                 HostTrace.Mark("targets");
-                var logitsF = logitsBSV.view(b * s, Config.VocabSize).to(ScalarType.Float32);
+                var logitsF = logitsBSV.view(b * s, logitsBSV.shape[2]).to(ScalarType.Float32);
                 HostTrace.Mark("fp32 logits");
-                lmLoss = head.MoveToOuter(nn.functional.cross_entropy(logitsF, targets, ignore_index: IgnoreIndex));
+                lmLoss = head.MoveToOuter(tp.CrossEntropy(logitsF, targets, IgnoreIndex));
                 HostTrace.Mark("cross-entropy");
             }
-            logitsBSV = returnLogits ? head.MoveToOuter(logitsBSV) : null;
+            logitsBSV = returnLogits ? head.MoveToOuter(tp.GatherVocabulary(logitsBSV)) : null;
         }
         HostTrace.Mark("lm head + loss");
         var options = layers[0].Moe.Options;
         Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
             ? torch.zeros(1, device: device).squeeze()
             : options.AuxLossConvention == AuxLossConvention.Transformers
-                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
+                ? AuxLosses.Transformers(tp.Size > 1 ? throw new NotSupportedException("transformers' aux loss over all layers is not computed under tensor parallel; training uses Megatron's (per layer, counts summed over TP).") : moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
                 : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
         HostTrace.Mark("aux loss");
-        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
+        // Megatron divides the z-loss coefficient by the TP×CP size: each rank's mean over its own tokens, summed over the ranks, is the mean over all.
+        Tensor? z = options.ZLoss ? moeOutputs.Select((m, l) => AuxLosses.ZLoss(m.Routing.LogitsTE) / (layers[l].Moe.AuxLossGroup?.Size ?? 1)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
     }
 

@@ -18,14 +18,15 @@ namespace Moe.Runtime.Modeling;
 /// <param name="Groups">This rank's process groups.</param>
 /// <param name="Experts">This rank's experts and FFN slice.</param>
 /// <param name="Dispatcher">All-to-all or all-gather (Megatron --moe-token-dispatcher-type).</param>
-public sealed record ParallelPlan(ProcessGroups Groups, ExpertPlacement Experts, Dsl.TokenDispatcher Dispatcher)
+/// <param name="SequenceParallel">Sequence parallel over the tensor-parallel group (Megatron --sequence-parallel; <see cref="TensorParallel"/>).</param>
+public sealed record ParallelPlan(ProcessGroups Groups, ExpertPlacement Experts, Dsl.TokenDispatcher Dispatcher, bool SequenceParallel = false)
 {
     /// <summary>The plan of <paramref name="groups"/>' rank for a model of <paramref name="experts"/> experts.</summary>
-    public static ParallelPlan For(ProcessGroups groups, int experts, Dsl.TokenDispatcher dispatcher)
+    public static ParallelPlan For(ProcessGroups groups, int experts, Dsl.TokenDispatcher dispatcher, bool sequenceParallel = false)
     {
         var layout = groups.Layout;
         var mine = ExpertSplit.ExpertsOfRank(groups.Coordinates.Ep, experts, layout.Expert);
-        return new ParallelPlan(groups, new ExpertPlacement(experts, mine.Start, mine.Count, groups.Coordinates.Etp, layout.ExpertTensor), dispatcher);
+        return new ParallelPlan(groups, new ExpertPlacement(experts, mine.Start, mine.Count, groups.Coordinates.Etp, layout.ExpertTensor), dispatcher, sequenceParallel);
     }
 
     /// <summary>The dispatcher of one MoE layer.</summary>

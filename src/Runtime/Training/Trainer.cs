@@ -102,7 +102,7 @@ public sealed class Trainer : IDisposable
             log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
         var options = MoeOptions.From(settings);
         RefuseUnimplemented(settings.Parallelism);
-        var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher);
+        var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher, settings.Parallelism.SequenceParallel);
 
         // 1. The single-device model. 2. Parallelize: the plan cuts this rank's part as it is built.
         // 3. Initialise (seeded, the same on every rank) or load: a Hugging Face folder gives the weights only; a Moe
@@ -166,7 +166,8 @@ public sealed class Trainer : IDisposable
     {
         var inBackwardOrder = parameters.Reverse().ToList();
         double scale = 1.0 / groups.DpCp.Size;
-        var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
+        // Tensor parallel: a parameter every tensor rank holds whole (norms, router) is counted in the norm by the first only.
+        var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), model.TensorParallel.CountsInNorm(p))).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale) };
         if (expert.Count > 0)
@@ -192,12 +193,11 @@ public sealed class Trainer : IDisposable
     private static void RefuseUnimplemented(Parallelism p)
     {
         var missing = new List<string>();
-        if (p.Tensor > 1) missing.Add($"Tensor = {p.Tensor}");
         if (p.Pipeline > 1) missing.Add($"Pipeline = {p.Pipeline}");
         if (p.Context > 1) missing.Add($"Context = {p.Context}");
         if (missing.Count > 0)
-            throw new UserError($"This runtime does not run tensor, pipeline or context parallelism yet ({string.Join(", ", missing)}); " +
-                "data and expert parallelism (Parallelism.Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
+            throw new UserError($"This runtime does not run pipeline or context parallelism yet ({string.Join(", ", missing)}); " +
+                "data, tensor (with sequence parallel) and expert parallelism (Parallelism.Tensor, Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
     }
 
     /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
@@ -313,11 +313,13 @@ public sealed class Trainer : IDisposable
                     }));
                 }
             }
+            SumReplicatedGradientsOverTensorParallel();
             foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
 
             // One reduction and one read-back of the step's numbers over data parallel.
             var reduced = sums.to(groups.Dp.DeviceForScalars);
             groups.Dp.AllReduce(reduced);
+            SumPartialMetricsOverTensorParallel(reduced);
             var v = reduced.cpu().data<double>().ToArray();
             int dp = groups.Dp.Size;
             double lm = v[1] > 0 ? v[0] / v[1] : 0, aux = v[2] / dp, z = v[3] / dp;
@@ -363,6 +365,39 @@ public sealed class Trainer : IDisposable
         var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
         observer.RunEnded(result);
         return result;
+    }
+
+    /// <summary>
+    /// Sequence parallel: the norms' and the router's gradients (whole on every tensor rank, each seeing its own
+    /// positions) summed over the tensor-parallel group before the data-parallel reduction (Megatron's
+    /// finalize_model_grads, _allreduce_non_tensor_model_parallel_grads).
+    /// </summary>
+    private void SumReplicatedGradientsOverTensorParallel() => SumReplicatedGradients(_model, Parameters, _buffers);
+
+    /// <summary>
+    /// Sums over the tensor-parallel group the accumulated gradients of the parameters every tensor rank holds whole
+    /// (<see cref="TensorParallel.IsReplicated"/>); call after the micro-batches, before the buffers reduce. Nothing at TP 1.
+    /// </summary>
+    public static void SumReplicatedGradients(MixtralModel model, IReadOnlyList<ModelParameter> parameters, IEnumerable<GradientBuffer> buffers)
+    {
+        var tp = model.TensorParallel;
+        if (tp.Size == 1) return;
+        var replicated = parameters.Where(tp.IsReplicated).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        foreach (var buffer in buffers)
+            tp.SumReplicatedGradients(buffer.MainGrad, buffer.Entries.Where(e => replicated.Contains(e.Name)).Select(e => (e.Offset, e.Numel)).ToList());
+    }
+
+    /// <summary>
+    /// Sequence parallel: every tensor rank has the whole lm loss and token count (entries 0 and 1 of the step's
+    /// sums) but only its positions' aux and z losses and routed counts (the rest): those are summed over TP.
+    /// </summary>
+    private void SumPartialMetricsOverTensorParallel(Tensor sums)
+    {
+        var tp = _model.TensorParallel;
+        if (tp.Size == 1) return;
+        using var partial = sums.narrow(0, 2, sums.shape[0] - 2).to(tp.Group.DeviceForScalars).contiguous().clone();
+        tp.Group.AllReduce(partial);
+        sums.narrow(0, 2, sums.shape[0] - 2).copy_(partial);
     }
 
     /// <summary>

@@ -39,8 +39,9 @@ public static class BenchCommand
     /// reduced as training reduces them). False, one rank only: they stay in the parameters' own (bf16) .grad, as in
     /// the transformers baseline's protocol.
     /// </param>
+    /// <param name="Tensor">Tensor-parallel size, with sequence parallel (experts split with ETP = TP, as Megatron defaults).</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true);
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1);
 
     public const double PeakTflops = 790;
 
@@ -55,7 +56,11 @@ public static class BenchCommand
         var preset = Preset(r.Model);
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
-        var layout = new RankLayout(r.Gpus, 1, 1, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
+        if (r.Tensor < 1 || r.Gpus % r.Tensor != 0 || r.Gpus % (r.Tensor * r.Expert) != 0)
+            throw new UserError($"--gpus {r.Gpus} must be a multiple of --tp {r.Tensor} and of --tp × --ep = {r.Tensor * r.Expert} (experts are split over ETP = TP).");
+        if (r.Seq % r.Tensor != 0)
+            throw new UserError($"--seq {r.Seq} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank --seq / --tp positions.");
+        var layout = new RankLayout(r.Gpus, r.Tensor, 1, 1, r.Expert, r.Tensor, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
         {
@@ -103,11 +108,14 @@ public static class BenchCommand
         var config = MixtralConfig.From(preset) with { Layers = r.Layers, MaxPositionEmbeddings = Math.Max(r.Seq, preset.MaxPositionEmbeddings), RouterAuxLossCoef = 0.02 };
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
         var dispatcher = r.Dispatcher == "allgather" ? Dsl.TokenDispatcher.AllGather : Dsl.TokenDispatcher.AllToAll;
-        var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher);
-        using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
+        var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher, sequenceParallel: r.Tensor > 1);
+        // Under tensor parallel the aux loss is Megatron's per layer (as training computes it); transformers' all-layer form otherwise.
+        var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = r.Tensor > 1 ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
+        using var model = new MixtralModel(config, options, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
-        var buffers = r.MainGrads ? Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups) : [];
+        var parameters = model.ParametersInForwardOrder().ToList();
+        var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
         using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
         var (labels, mask) = MixtralModel.ShiftedLabels(ids);
@@ -133,6 +141,7 @@ public static class BenchCommand
                 foreach (var b in buffers) b.AccumulateMicroBatch();
             }
             HostTrace.Mark("backward returned");
+            Trainer.SumReplicatedGradients(model, parameters, buffers);
             foreach (var b in buffers) b.Reduce(sharded: true);
             backwardMs.Add(watch.Elapsed.TotalMilliseconds);
         }
@@ -184,7 +193,8 @@ public static class BenchCommand
 
     private static int Report(Request r, RankResult result, TextWriter output)
     {
-        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / result.StepSeconds;
+        // Each data-parallel replica (TP ranks) processes MicroBatches · MicroBatch · Seq tokens a step: per GPU, ÷ TP.
+        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / r.Tensor / result.StepSeconds;
         double flops = ModelFlopsPerToken(result.Config, r.Seq) * tokensPerSecond;
         var json = new Dictionary<string, object?>
         {
@@ -193,8 +203,10 @@ public static class BenchCommand
             ["layers"] = r.Layers,
             ["seq"] = r.Seq,
             ["gpus"] = r.Gpus,
+            ["tp"] = r.Tensor,
+            ["sp"] = r.Tensor > 1,
             ["ep"] = r.Expert,
-            ["dp"] = r.Gpus,
+            ["dp"] = r.Gpus / r.Tensor,
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["main_grads"] = r.MainGrads,

@@ -25,13 +25,14 @@ public sealed class BenchCommandDefinition
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
         Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
+        Tensor = new Option<int>("--tp") { Description = "Tensor-parallel size with sequence parallel (divides --gpus, the heads and --seq); experts split with ETP = TP.", DefaultValueFactory = _ => 1 };
         MainGrads = new Option<bool>("--main-grads")
         {
             Description = "Accumulate and reduce gradients in the trainer's fp32 main-gradient buffers (true, what training does) or leave them " +
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads }) Command.Options.Add(o);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads, Tensor }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -46,4 +47,5 @@ public sealed class BenchCommandDefinition
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }
     public Option<bool> MainGrads { get; }
+    public Option<int> Tensor { get; }
 }
