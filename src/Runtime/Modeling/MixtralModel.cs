@@ -100,6 +100,13 @@ public sealed class MixtralModel : nn.Module
     public ScalarType Dtype { get; }
 
     /// <summary>
+    /// Context parallel (set by <see cref="ContextParallel.Apply"/>): the inputs of <see cref="Forward"/> are this
+    /// rank's chunks of every sequence (<see cref="ContextParallel.Shard(Tensor)"/>), positions and masks global. Null
+    /// or size 1: the inputs are whole sequences.
+    /// </summary>
+    public ContextParallel? Context { get; set; }
+
+    /// <summary>
     /// Every parameter of this rank in the order the forward first uses it, with its layout-independent name and
     /// its place in the whole tensor (<see cref="TensorShard"/>). The names key initialisation, gradient buffers
     /// and checkpoints; layer numbers are the model's.
@@ -176,10 +183,14 @@ public sealed class MixtralModel : nn.Module
     {
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
         var device = embed_tokens.device;
-        positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
+        var cp = Context is { Size: > 1 } context ? context : null;
+        positionIdsBS ??= (cp is null ? torch.arange(s, device: device) : torch.tensor(cp.LocalIndices(checked((int)s * cp.Size)), device: device)).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
-        var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
-        if (Config.SlidingWindow is int window && s > window)
+        var mask = cp is not null ? cp.AttentionMask(s, documentIdsBS, Config.SlidingWindow, device)
+            : documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
+        if (cp is not null && attentionMaskBS is not null)
+            throw new InvalidOperationException("A padding mask (attentionMaskBS) is not supported under context parallelism; training packs sequences and passes none.");
+        if (cp is null && Config.SlidingWindow is int window && s > window)
         {
             // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
             var slidingSS = SlidingWindowCausalMask(s, window, device);
