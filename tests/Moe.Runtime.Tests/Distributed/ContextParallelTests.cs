@@ -90,4 +90,10 @@ public class ContextParallelTests
     [Fact]
     public void ContextParallel2WithExpertParallel2_EqualsTheOneDeviceRun() =>
         AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = 4, Context = 2, Expert = 2 }, s => Packed(s, window: null)));
+
+    [Theory]
+    [InlineData(LoadBalancing.SeqAuxLoss, null)]
+    [InlineData(LoadBalancing.GlobalAuxLoss, 1e-3)]
+    public void ContextParallel2WithOtherLoadBalancingAndZLoss_EqualsTheOneDeviceRun(LoadBalancing balancing, double? zLoss) =>
+        AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = 2, Context = 2 }, s => s with { Router = s.Router with { LoadBalancing = balancing, ZLossCoeff = zLoss } }));
 }
