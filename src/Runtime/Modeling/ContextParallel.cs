@@ -96,13 +96,16 @@ public sealed class ContextParallel
     /// Refuses a sequence that does not cut into 2·CP chunks (rule MOE0206, Megatron R030): checked where the
     /// sequence is cut, so a layout or a sequence changed after validation cannot get past it.
     /// </summary>
-    public static void CheckSequence(int sequence, int size)
+    /// <param name="sequence">S.</param>
+    /// <param name="size">CP.</param>
+    /// <param name="setting">Where the user sets the sequence, named in the message.</param>
+    public static void CheckSequence(int sequence, int size, string setting = "Data.SequenceLength (--seq-length)")
     {
         if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), $"Context-parallel size {size} must be at least 1.");
         if (size == 1 || (sequence > 0 && sequence % (2 * size) == 0)) return;
         int lower = sequence / (2 * size) * (2 * size), upper = lower + 2 * size;
         throw new UserError($"{DiagnosticIds.SequenceNotDivisibleForContext}: the sequence ({sequence} tokens) must be a multiple of 2 × Context = {2 * size}: " +
-            $"context parallel gives each of the {size} ranks two of {2 * size} equal chunks. Set Data.SequenceLength (--seq-length) to " +
+            $"context parallel gives each of the {size} ranks two of {2 * size} equal chunks. Set {setting} to " +
             (lower > 0 ? $"{lower} or {upper}" : $"{upper}") + $", or change Parallelism.Context (--cp). See docs/diagnostics/{DiagnosticIds.SequenceNotDivisibleForContext}.md.");
     }
 

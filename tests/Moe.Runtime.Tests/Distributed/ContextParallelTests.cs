@@ -96,4 +96,24 @@ public class ContextParallelTests
     [InlineData(LoadBalancing.GlobalAuxLoss, 1e-3)]
     public void ContextParallel2WithOtherLoadBalancingAndZLoss_EqualsTheOneDeviceRun(LoadBalancing balancing, double? zLoss) =>
         AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = 2, Context = 2 }, s => s with { Router = s.Router with { LoadBalancing = balancing, ZLossCoeff = zLoss } }));
+
+    [Fact]
+    public void BenchOnCpu_ContextParallel2_ReportsPerGpuThroughputOfTheSharedSequences()
+    {
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 32, 1, 2, "cpu", Gpus: 2, Context: 2), output));
+        using var doc = System.Text.Json.JsonDocument.Parse(output.ToString());
+        Assert.Equal(2, doc.RootElement.GetProperty("cp").GetInt32());
+        Assert.Equal(1, doc.RootElement.GetProperty("dp").GetInt32());
+        double step = doc.RootElement.GetProperty("step_s").GetDouble(), perGpu = doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble();
+        Assert.Equal(32 / 2 / step, perGpu, 6);   // one 32-token sequence shared by the two GPUs of the cp group
+    }
+
+    [Fact]
+    public void BenchWithSequenceNotDivisibleByTwiceContext_NamesSeq()
+    {
+        var e = Assert.Throws<UserError>(() => Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 1, 30, 1, 2, "cpu", Gpus: 2, Context: 2), new StringWriter()));
+        Assert.Contains("(30 tokens) must be a multiple of 2 × Context = 4", e.Message);
+        Assert.Contains("Set --seq to 28 or 32", e.Message);
+    }
 }

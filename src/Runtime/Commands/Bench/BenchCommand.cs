@@ -34,8 +34,9 @@ public static class BenchCommand
     /// <param name="Expert">Expert-parallel size.</param>
     /// <param name="MicroBatches">Micro-batches per step (gradients accumulated, then reduced).</param>
     /// <param name="Dispatcher">alltoall or allgather.</param>
+    /// <param name="Context">Context-parallel size: each sequence is cut over that many ranks (<see cref="ContextParallel"/>).</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall");
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", int Context = 1);
 
     public const double PeakTflops = 790;
 
@@ -48,7 +49,10 @@ public static class BenchCommand
         var preset = Preset(r.Model);
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
-        var layout = new RankLayout(r.Gpus, 1, 1, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
+        if (r.Context < 1 || r.Gpus % r.Context != 0)
+            throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --cp {r.Context}.");
+        ContextParallel.CheckSequence(r.Seq, r.Context, "--seq");
+        var layout = new RankLayout(r.Gpus, 1, 1, r.Context, r.Expert, 1, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
         {
@@ -97,13 +101,21 @@ public static class BenchCommand
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
         var dispatcher = r.Dispatcher == "allgather" ? Dsl.TokenDispatcher.AllGather : Dsl.TokenDispatcher.AllToAll;
         var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher);
-        using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
+        // Context parallel splits transformers' aux loss over all layers into nothing meaningful: take Megatron's per-layer
+        // aux_loss there (each rank's share of the whole sequence's; the same work per token).
+        var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = r.Context > 1 ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
+        using var model = new MixtralModel(config, options, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
+        var cp = ContextParallel.Apply(model, rank.Groups);
         var buffers = Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups);
+        // The cp ranks of one data-parallel rank draw the same sequences (seeded by the data-parallel rank) and keep their chunks.
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
-        using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
-        var (labels, mask) = MixtralModel.ShiftedLabels(ids);
+        using var wholeIds = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
+        var (wholeLabels, wholeMask) = MixtralModel.ShiftedLabels(wholeIds);
+        var (ids, labels, mask) = (cp.Shard(wholeIds), cp.Shard(wholeLabels), cp.Shard(wholeMask));
+        // lm_loss weighted over the whole sequence, router losses scaled by CP (MicroBatch.Loss); 1 and 1 without CP.
+        double lmFactor = cp.LossFactor((long)mask.sum().item<float>(), (long)wholeMask.sum().item<float>());
 
         // Where the host spends a step: until the forward is queued, until backward() returns, and waiting for the GPU.
         var forwardMs = new List<double>();
@@ -120,7 +132,7 @@ public static class BenchCommand
                 using var _ = torch.NewDisposeScope();
                 var o = model.Forward(ids, labels, mask, returnLogits: false);
                 if (m == 0) forwardMs.Add(watch.Elapsed.TotalMilliseconds);
-                ((o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
+                ((o.LmLoss! * lmFactor + cp.Size * config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
                 ManagedBackward.Complete();
                 foreach (var b in buffers) b.AccumulateMicroBatch();
             }
@@ -176,7 +188,8 @@ public static class BenchCommand
 
     private static int Report(Request r, RankResult result, TextWriter output)
     {
-        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / result.StepSeconds;
+        // Per GPU: a cp group of Context GPUs shares each sequence.
+        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / r.Context / result.StepSeconds;
         double flops = ModelFlopsPerToken(result.Config, r.Seq) * tokensPerSecond;
         var json = new Dictionary<string, object?>
         {
@@ -186,7 +199,8 @@ public static class BenchCommand
             ["seq"] = r.Seq,
             ["gpus"] = r.Gpus,
             ["ep"] = r.Expert,
-            ["dp"] = r.Gpus,
+            ["cp"] = r.Context,
+            ["dp"] = r.Gpus / r.Context,
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["step_s"] = result.StepSeconds,
