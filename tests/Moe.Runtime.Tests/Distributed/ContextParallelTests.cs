@@ -87,9 +87,11 @@ public class ContextParallelTests
     public void ContextParallel2WithPackedDocumentsAndSlidingWindow_EqualsTheOneDeviceRun() =>
         AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = 2, Context = 2 }, s => Packed(s, window: 24)));
 
-    [Fact]
-    public void ContextParallel2WithExpertParallel2_EqualsTheOneDeviceRun() =>
-        AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = 4, Context = 2, Expert = 2 }, s => Packed(s, window: null)));
+    [Theory]
+    [InlineData(4)]   // CP 2 × DP 2, EP 2: expert DP 2
+    [InlineData(2)]   // CP 2 folded onto EP 2: the two cp ranks are the two expert ranks, expert DP 1
+    public void ContextParallel2WithExpertParallel2_EqualsTheOneDeviceRun(int gpus) =>
+        AssertEqualsOneDevice(Tiny(new Parallelism { Gpus = gpus, Context = 2, Expert = 2 }, s => Packed(s, window: null)));
 
     [Theory]
     [InlineData(LoadBalancing.SeqAuxLoss, null)]
