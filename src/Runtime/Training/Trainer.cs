@@ -59,6 +59,11 @@ public sealed record RankContext(ProcessGroups Groups, Device Device)
 /// one-device run's gradient. The reported lm_loss is Megatron's: the token-weighted mean over the global batch.
 /// </para>
 /// <para>
+/// Context parallel (<see cref="ContextParallel"/>): the cp ranks of a data-parallel rank read the same samples and
+/// each trains its two chunks of every sequence (<see cref="MicroBatch"/>); losses are scaled so that the gradients
+/// averaged over data × context parallel are the one-device run's, and the step's sums are reduced over dp × cp.
+/// </para>
+/// <para>
 /// A NaN or infinite loss or gradient norm stops the run before the optimizer step, naming the last good
 /// step; every rank sees the same reduced values, so all stop together.
 /// </para>

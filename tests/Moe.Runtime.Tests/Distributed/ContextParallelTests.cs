@@ -118,4 +118,25 @@ public class ContextParallelTests
         Assert.Contains("(30 tokens) must be a multiple of 2 × Context = 4", e.Message);
         Assert.Contains("Set --seq to 28 or 32", e.Message);
     }
+
+    [Fact]
+    public void ValidationLossAtContextParallel2_EqualsTheOneDeviceLoss()
+    {
+        static double[] ValidationLoss(RecipeSettings s)
+        {
+            var p = s.Parallelism;
+            var layout = new Dsl.Layout.RankLayout(p.Gpus, p.Tensor, p.Pipeline, p.Context, p.Expert, p.EffectiveExpertTensor, p.Order);
+            return Runtime.Distributed.InProcess.InProcessJob.Run(layout, TimeSpan.FromSeconds(120), rank =>
+            {
+                using var validation = new Moe.Runtime.Training.IndexedSampleSource(s, s.Model.EosTokenId, split: 1, samples: Moe.Runtime.Training.Evaluator.SampleCount(s));
+                using var trainer = new Moe.Runtime.Training.Trainer(s, rank, TextWriter.Null);
+                return new Moe.Runtime.Training.Evaluator(trainer.Model, validation, s, rank).Loss();
+            });
+        }
+        var one = ValidationLoss(Tiny(new Parallelism { Gpus = 1 })).Single();
+        var ranks = ValidationLoss(Tiny(new Parallelism { Gpus = 2, Context = 2 }, s => Packed(s, window: 24)));
+        var oneWindowed = ValidationLoss(Tiny(new Parallelism { Gpus = 1 }, s => Packed(s, window: 24))).Single();
+        Assert.NotEqual(one, oneWindowed);   // the window matters on these samples
+        foreach (var loss in ranks) Assert.True(Math.Abs(loss - oneWindowed) <= 1e-5 * oneWindowed, $"{loss:R} vs one device {oneWindowed:R}");
+    }
 }
