@@ -25,7 +25,7 @@ namespace Moe.Runtime.MixtureOfExperts;
 /// <list type="table">
 /// <item><term><see cref="Transformers"/></term><description>all layers' tokens at once, f not divided by K (transformers 5.17, HF parity);</description></item>
 /// <item><term><see cref="Switch"/></term><description>Megatron <c>aux_loss</c>: one micro-batch, per layer;</description></item>
-/// <item><term><see cref="Sequence"/></term><description>Megatron <c>seq_aux_loss</c>: per sequence, averaged over the micro-batch (DeepSeek-V2/V3's sequence-wise balance loss);</description></item>
+/// <item><term><see cref="Sequence(Tensor, Tensor, int, int)"/></term><description>Megatron <c>seq_aux_loss</c>: per sequence, averaged over the micro-batch (DeepSeek-V2/V3's sequence-wise balance loss);</description></item>
 /// <item><term><see cref="Global"/></term><description>Megatron <c>global_aux_loss</c>: counts accumulated over the micro-batches of a global batch (Qiu et al. 2025, "Demons in the Detail", arXiv:2501.11873).</description></item>
 /// </list>
 /// <para>
@@ -80,9 +80,9 @@ public static class AuxLosses
     /// <param name="routedPerExpertE">c_e (integer or, for <see cref="Global"/>, averaged float counts).</param>
     /// <param name="topK">K.</param>
     /// <param name="totalTokens">
-    /// T of the formula: the tokens the counts were taken over (default: this rank's). Under sequence parallel the
-    /// counts are summed over the tensor-parallel group and T is its tokens, while the scores are this rank's: the
-    /// ranks' losses add up to the loss of the whole micro-batch.
+    /// T, the tokens the counts were taken over: this rank's by default; with the counts summed over a
+    /// sequence-partition group (tensor × context parallel), this rank's times the group's size, and the result is
+    /// this rank's share of the whole loss (Megatron <c>get_tokens_per_expert_and_token_count</c>).
     /// </param>
     public static Tensor Switch(Tensor scoresTE, Tensor routedPerExpertE, int topK, long? totalTokens = null)
     {
@@ -101,31 +101,39 @@ public static class AuxLosses
     /// <param name="expertsTK">Top-k expert ids of each token (before capacity).</param>
     /// <param name="batch">B.</param>
     /// <param name="topK">K.</param>
-    /// <param name="group">
-    /// The ranks holding the other positions of the same sequences (sequence parallel), or null: each sequence's
-    /// counts are summed over it and S is the whole sequence, the scores staying this rank's.
-    /// </param>
-    public static Tensor Sequence(Tensor scoresTE, Tensor expertsTK, int batch, int topK, Distributed.Communicator? group = null)
+    public static Tensor Sequence(Tensor scoresTE, Tensor expertsTK, int batch, int topK) =>
+        Sequence(scoresTE, CountsPerSequence(expertsTK, batch, (int)scoresTE.shape[1]), batch, topK, scoresTE.shape[0] / batch);
+
+    /// <summary>
+    /// <see cref="Sequence(Tensor, Tensor, int, int)"/> from given counts: with the counts of every sequence summed
+    /// over a sequence-partition group (tensor × context parallel, each rank holding part of every sequence) and
+    /// <paramref name="sequenceLength"/> the whole sequence, this rank's share of the whole loss (Megatron
+    /// <c>_apply_seq_aux_loss</c>: counts over tp_cp, total tokens = local · group size).
+    /// </summary>
+    /// <param name="scoresTE">Aux scores of this rank's tokens, batch-major.</param>
+    /// <param name="countsBE">(token, expert) pairs of each sequence routed to each expert.</param>
+    /// <param name="batch">B.</param>
+    /// <param name="topK">K.</param>
+    /// <param name="sequenceLength">S, the tokens of one sequence the counts cover.</param>
+    public static Tensor Sequence(Tensor scoresTE, Tensor countsBE, int batch, int topK, long sequenceLength)
     {
-        long tokens = scoresTE.shape[0];
+        long local = scoresTE.shape[0] / batch;
         int experts = (int)scoresTE.shape[1];
-        long local = tokens / batch, seq = local * (group?.Size ?? 1);
-        var countsBE = nn.functional.one_hot(expertsTK, experts).sum([1]).to(ScalarType.Float32).view(batch, local, experts).sum([1]);
-        if (group is { Size: > 1 })
-        {
-            countsBE = countsBE.contiguous().clone();
-            group.AllReduce(countsBE);
-        }
         var probSumBE = scoresTE.view(batch, local, experts).sum([1]);
-        return (probSumBE * countsBE).sum([1]).mean() * (experts / ((double)topK * seq * seq));
+        return (probSumBE * countsBE.to(ScalarType.Float32)).sum([1]).mean() * (experts / ((double)topK * sequenceLength * sequenceLength));
     }
+
+    /// <summary>(token, expert) pairs of each of the B sequences (batch-major tokens) routed to each expert, int64 [B, E].</summary>
+    public static Tensor CountsPerSequence(Tensor expertsTK, int batch, int experts) =>
+        nn.functional.one_hot(expertsTK, experts).sum([1]).view(batch, expertsTK.shape[0] / batch, experts).sum([1]);
 
     /// <summary>
     /// Megatron <c>global_aux_loss</c>: the switch loss of this micro-batch's scores against the routed counts
     /// <b>averaged over the micro-batches seen so far in the global batch</b>:
     /// <c>aux = E / (K · T²) · Σ_e (Σ_t p_te) · (Σ_{m≤i} c_e^(m) / i)</c> at micro-batch i. With data parallelism
-    /// Megatron also sums the counts over the TP×DP×CP group and multiplies T by its size; one process has
-    /// group size 1. The running sum lives in <see cref="GlobalAuxLossTracker"/>.
+    /// Megatron also sums the counts over the TP×DP×CP group and multiplies T by its size
+    /// (<paramref name="totalTokens"/>; <see cref="MoeLayer.MegatronAuxLoss"/> does both); one process has group size 1.
+    /// The running sum lives in <see cref="GlobalAuxLossTracker"/>.
     /// </summary>
     public static Tensor Global(Tensor scoresTE, Tensor averagedRoutedPerExpertE, int topK, long? totalTokens = null) =>
         Switch(scoresTE, averagedRoutedPerExpertE, topK, totalTokens);

@@ -33,6 +33,15 @@ public sealed record MoeLayerOutput(Tensor HiddenTH, Routing Routing, Dispatch D
 }
 
 /// <summary>
+/// The groups a router sums its load-balancing counts over (Megatron's <c>tp_cp_group</c> and <c>tp_dp_cp_group</c> in
+/// router.py): the ranks that hold parts of the same sequences — tensor parallel under sequence parallel, context
+/// parallel — and, for the global aux loss, those ranks over data parallel too.
+/// </summary>
+/// <param name="TensorContext">Tensor × context parallel (aux_loss, seq_aux_loss).</param>
+/// <param name="TensorDataContext">Tensor × data × context parallel (global_aux_loss).</param>
+public sealed record LoadBalancingGroups(Distributed.Communicator TensorContext, Distributed.Communicator TensorDataContext);
+
+/// <summary>
 /// A sparse MoE block (Shazeer et al. 2017, "Outrageously Large Neural Networks", arXiv:1701.06538; Mixtral:
 /// Jiang et al. 2024, arXiv:2401.04088): router → dispatch (capacity, permutation) → grouped SwiGLU experts →
 /// weighted combine, <c>y_t = Σ_{k&lt;K} w_tk · Expert_{e_tk}(h_t)</c>.
@@ -96,14 +105,6 @@ public sealed class MoeLayer : nn.Module
         }
     }
 
-    /// <summary>
-    /// The ranks that hold the other tokens of this rank's sequences (Megatron's tp_cp_group; null: none). Under
-    /// sequence parallel each rank routes its own positions, so the balance losses count routed pairs over the group
-    /// and divide by its total tokens, and the z-loss coefficient is divided by its size: each rank's loss is its
-    /// part of the one-device loss (router.py, <c>_apply_aux_loss</c> with <c>reduce_group</c>).
-    /// </summary>
-    public Distributed.Communicator? AuxLossGroup { get; init; }
-
     /// <summary>How rows reach this rank's experts (<see cref="LocalExpertDispatcher"/> when every expert is here).</summary>
     public IExpertDispatcher Dispatcher { get; }
 
@@ -120,6 +121,12 @@ public sealed class MoeLayer : nn.Module
 
     /// <summary>The aux-loss-free expert bias and its counts (<see cref="MoeOptions.ExpertBias"/>), or null when off.</summary>
     public ExpertBias? ExpertBias => expertBias;
+
+    /// <summary>
+    /// Where the load-balancing counts are summed (Megatron's router tp_cp and tp_dp_cp groups), set by the parallel
+    /// plan; null on one device, where every group has one member.
+    /// </summary>
+    public LoadBalancingGroups? LoadBalancingGroups { get; set; }
 
     /// <param name="hiddenTH">Normalised hidden states of the micro-batch, flattened batch-major.</param>
     /// <param name="sequences">
@@ -150,6 +157,13 @@ public sealed class MoeLayer : nn.Module
     /// to the running ones only in training with gradients enabled, as Megatron does; otherwise it is reported
     /// against this micro-batch's counts. Zero (a scalar) with <see cref="Dsl.LoadBalancing.None"/>.
     /// </summary>
+    /// <remarks>
+    /// With <see cref="LoadBalancingGroups"/> the counts are summed over the ranks that share the sequences
+    /// (aux_loss and seq_aux_loss: tensor × context parallel; global_aux_loss: tensor × data × context parallel) and
+    /// the token count is this rank's times the group's size (Megatron's get_tokens_per_expert_and_token_count):
+    /// the result is this rank's share, and the shares of the group add up to the loss of the whole sequences.
+    /// Collective over that group: every member calls it for every layer in the same order.
+    /// </remarks>
     /// <param name="output">What <see cref="Forward"/> returned.</param>
     /// <param name="sequences">B (for seq_aux_loss: each of the B sequences of S = T / B tokens on its own).</param>
     public Tensor MegatronAuxLoss(MoeLayerOutput output, int sequences)
@@ -157,12 +171,30 @@ public sealed class MoeLayer : nn.Module
         var r = output.Routing;
         int k = options.TopK;
         if (options.LoadBalancing == Dsl.LoadBalancing.None) return torch.zeros(1, device: r.ScoresTE.device).squeeze();
-        if (options.LoadBalancing == Dsl.LoadBalancing.SeqAuxLoss) return AuxLosses.Sequence(r.ScoresTE, r.AuxExpertsTK, sequences, k, AuxLossGroup);
-        var countsE = SummedOverGroup(LocalTokenDispatcher.CountPerExpert(r.AuxExpertsTK.flatten(), NumExperts));
-        long tokens = r.ScoresTE.shape[0] * (AuxLossGroup?.Size ?? 1);
-        return options.LoadBalancing == Dsl.LoadBalancing.GlobalAuxLoss
-            ? AuxLosses.Global(r.ScoresTE, training && torch.is_grad_enabled() ? globalTracker.Accumulate(countsE) : countsE.to(ScalarType.Float32), k, tokens)
-            : AuxLosses.Switch(r.ScoresTE, countsE, k, tokens);
+        long tokens = r.ScoresTE.shape[0];
+        var groups = LoadBalancingGroups;
+        if (options.LoadBalancing == Dsl.LoadBalancing.SeqAuxLoss)
+        {
+            var countsBE = Summed(AuxLosses.CountsPerSequence(r.AuxExpertsTK, sequences, NumExperts), groups?.TensorContext);
+            return AuxLosses.Sequence(r.ScoresTE, countsBE, sequences, k, tokens / sequences * (groups?.TensorContext.Size ?? 1));
+        }
+        var countsE = LocalTokenDispatcher.CountPerExpert(r.AuxExpertsTK.flatten(), NumExperts);
+        if (options.LoadBalancing == Dsl.LoadBalancing.GlobalAuxLoss)
+        {
+            countsE = Summed(countsE, groups?.TensorDataContext);
+            long total = tokens * (groups?.TensorDataContext.Size ?? 1);
+            return AuxLosses.Global(r.ScoresTE, training && torch.is_grad_enabled() ? globalTracker.Accumulate(countsE) : countsE.to(ScalarType.Float32), k, total);
+        }
+        return AuxLosses.Switch(r.ScoresTE, Summed(countsE, groups?.TensorContext), k, tokens * (groups?.TensorContext.Size ?? 1));
+    }
+
+    /// <summary>Integer counts summed over <paramref name="group"/> (a copy; no gradient flows through counts).</summary>
+    private static Tensor Summed(Tensor counts, Distributed.Communicator? group)
+    {
+        if (group is null || group.Size == 1) return counts;
+        var sum = counts.contiguous().clone();
+        group.AllReduce(sum);
+        return sum;
     }
 
     /// <summary>
@@ -175,15 +207,6 @@ public sealed class MoeLayer : nn.Module
         if (expertBias is null) return;
         if (training) expertBias.Update(options.BiasUpdateRate);
         else expertBias.ResetCounts();
-    }
-
-    /// <summary>Integer counts summed over <see cref="AuxLossGroup"/> (no gradient flows through counts).</summary>
-    private Tensor SummedOverGroup(Tensor countsE)
-    {
-        if (AuxLossGroup is not { Size: > 1 } group) return countsE;
-        var sum = countsE.contiguous().clone();
-        group.AllReduce(sum);
-        return sum;
     }
 
     private static MoeOptions Checked(MoeOptions o, int experts)

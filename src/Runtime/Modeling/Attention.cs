@@ -63,12 +63,22 @@ public sealed class Attention : nn.Module
     /// <summary>Head dimension (d).</summary>
     public int HeadDim => headDim;
 
+    /// <summary>
+    /// Context parallel (set by <see cref="ContextParallel.Apply"/>): the keys and values of the whole sequence are
+    /// all-gathered over the cp group after RoPE, and the queries of this rank's tokens attend to them under the
+    /// model's mask. Null or size 1: this rank's tokens are the whole sequence.
+    /// </summary>
+    public ContextParallel? Context { get; set; }
+
     /// <summary>The fused weight as [g, r + 2, d, H] (a view): [:, :r] the query heads, [:, r] the keys, [:, r + 1] the values.</summary>
     public Tensor GroupedView(Tensor qkvWeight) => qkvWeight.view(groups, perGroup + 2, headDim, qkvWeight.shape[^1]);
 
-    /// <param name="hiddenBSH">Normalised hidden states (the whole sequence).</param>
+    /// <param name="hiddenBSH">Normalised hidden states (the whole sequence; under context parallel this rank's Sl tokens).</param>
     /// <param name="rope">cos/sin tables [B or 1, 1, S, d].</param>
-    /// <param name="maskB1SS">Boolean attention mask (true = attend) for document-causal attention, or null for plain causal.</param>
+    /// <param name="maskB1SS">
+    /// Boolean attention mask (true = attend) for document-causal attention, or null for plain causal; under context
+    /// parallel [B or 1, 1, Sl, S] over the gathered keys, never null (<see cref="ContextParallel.AttentionMask"/>).
+    /// </param>
     /// <returns>This rank's part of the output projection [B, S, H] (the whole output when there is no tensor parallelism).</returns>
     public Tensor Forward(Tensor hiddenBSH, (Tensor Cos, Tensor Sin) rope, Tensor? maskB1SS)
     {
@@ -86,6 +96,7 @@ public sealed class Attention : nn.Module
             qBNSd = Rotary.Apply(qBNSd, rope);
             kBNSd = Rotary.Apply(kBNSd, rope);
         }
+        if (Context is { Size: > 1 } cp) (kBNSd, vBNSd) = cp.GatherKeysValues(kBNSd, vBNSd);
         var outBNSd = maskB1SS is null
             ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
             : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);

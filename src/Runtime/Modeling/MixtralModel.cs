@@ -30,7 +30,7 @@ public sealed class DecoderLayer : nn.Module
         input_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
         post_attention_layernorm = new Parameter(torch.ones(c.HiddenSize, dtype: dtype, device: device));
         self_attn = new Attention(c, dtype, device, tp.Size);
-        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device, dispatcher) { AuxLossGroup = tp.Size > 1 ? tp.Group : null };
+        mlp = new MoeLayer(c.Experts, c.HiddenSize, c.IntermediateSize, options, dtype, device, dispatcher);
         RegisterComponents();
     }
 
@@ -118,6 +118,13 @@ public sealed class MixtralModel : nn.Module
     public ScalarType Dtype { get; }
 
     /// <summary>
+    /// Context parallel (set by <see cref="ContextParallel.Apply"/>): the inputs of <see cref="Forward"/> are this
+    /// rank's chunks of every sequence (<see cref="ContextParallel.Shard(Tensor)"/>), positions and masks global. Null
+    /// or size 1: the inputs are whole sequences.
+    /// </summary>
+    public ContextParallel? Context { get; set; }
+
+    /// <summary>
     /// Every parameter of this rank in the order the forward first uses it, with its layout-independent name and
     /// its place in the whole tensor (<see cref="TensorShard"/>). The names key initialisation, gradient buffers
     /// and checkpoints; layer numbers are the model's.
@@ -196,10 +203,14 @@ public sealed class MixtralModel : nn.Module
     {
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
         var device = embed_tokens.device;
-        positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
+        var cp = Context is { Size: > 1 } context ? context : null;
+        positionIdsBS ??= (cp is null ? torch.arange(s, device: device) : torch.tensor(cp.LocalIndices(checked((int)s * cp.Size)), device: device)).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
-        var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
-        if (Config.SlidingWindow is int window && s > window)
+        var mask = cp is not null ? cp.AttentionMask(s, documentIdsBS, Config.SlidingWindow, device)
+            : documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
+        if (cp is not null && attentionMaskBS is not null)
+            throw new InvalidOperationException("A padding mask (attentionMaskBS) is not supported under context parallelism; training packs sequences and passes none.");
+        if (cp is null && Config.SlidingWindow is int window && s > window)
         {
             // transformers' sliding-window causal mask: query i sees keys j with i − window < j ≤ i.
             var slidingSS = SlidingWindowCausalMask(s, window, device);
@@ -254,8 +265,9 @@ public sealed class MixtralModel : nn.Module
                 ? AuxLosses.Transformers(tp.Size > 1 ? throw new NotSupportedException("transformers' aux loss over all layers is not computed under tensor parallel; training uses Megatron's (per layer, counts summed over TP).") : moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
                 : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
         HostTrace.Mark("aux loss");
-        // Megatron divides the z-loss coefficient by the TP×CP size: each rank's mean over its own tokens, summed over the ranks, is the mean over all.
-        Tensor? z = options.ZLoss ? moeOutputs.Select((m, l) => AuxLosses.ZLoss(m.Routing.LogitsTE) / (layers[l].Moe.AuxLossGroup?.Size ?? 1)).Aggregate((x, y) => x + y) : null;
+        // Each rank's mean over its own tokens; the loss divides the coefficient by the TP×CP size as Megatron does
+        // (MicroBatch.Loss), so the ranks' terms add up to the mean over all tokens.
+        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
         return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
     }
 

@@ -21,12 +21,17 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
     public static int SampleCount(RecipeSettings s) => checked(s.Training.EvalIters * s.Training.GlobalBatchSize);
 
     /// <summary>The validation loss of the model as it is now; leaves the model in training mode.</summary>
+    /// <remarks>
+    /// Under context parallelism each rank of a cp group runs the same samples on its chunks (<see cref="MicroBatch"/>)
+    /// and the sums are reduced over data × context parallel, so the mean is over every counted token of the sequences.
+    /// </remarks>
     public double Loss()
     {
         int b = settings.Training.MicroBatchSize, seq = settings.Data.SequenceLength;
         int samples = SampleCount(settings);
         var device = rank.Device;
         var dp = rank.Groups.Dp;
+        var context = model.Context ?? new ContextParallel(rank.Groups.Cp);
         double weighted = 0, tokens = 0;
         model.eval();
         try
@@ -37,24 +42,23 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
                 using var scope = torch.NewDisposeScope();
                 int n = Math.Min(b, samples - first);
                 var batch = Enumerable.Range(first, n).Select(i => validation.Sample(i)).ToArray();
-                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(n, seq);
-                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(n, seq);
-                var o = model.Forward(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
-                    settings.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
-                double counted = lossMask.gt(0).sum().item<long>();
-                if (counted == 0) continue;   // every position masked: cross-entropy's mean is NaN and weighs nothing
-                weighted += o.LmLoss!.item<float>() * counted;
-                tokens += counted;
+                var mb = MicroBatch.From(batch, seq, device, context, settings.Data.ResetAttentionMask);
+                var o = model.Forward(mb.TokensBS, mb.LabelsBS, mb.LossMaskBS, mb.PositionIdsBS, mb.DocumentIdsBS, returnLogits: false);
+                // A rank whose positions are all masked has cross-entropy's mean NaN: it weighs nothing.
+                if (mb.LocalCounted == 0) continue;
+                weighted += o.LmLoss!.item<float>() * (double)mb.LocalCounted;
+                tokens += mb.LocalCounted;
             }
         }
         finally
         {
             model.train();
         }
-        if (dp.Size > 1)
+        var group = rank.Groups.DpCp;
+        if (group.Size > 1)
         {
-            using var sums = torch.tensor(new[] { weighted, tokens }, device: dp.DeviceForScalars);
-            dp.AllReduce(sums);
+            using var sums = torch.tensor(new[] { weighted, tokens }, device: group.DeviceForScalars);
+            group.AllReduce(sums);
             var v = sums.cpu().data<double>().ToArray();
             (weighted, tokens) = (v[0], v[1]);
         }

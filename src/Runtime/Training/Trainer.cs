@@ -59,6 +59,11 @@ public sealed record RankContext(ProcessGroups Groups, Device Device)
 /// one-device run's gradient. The reported lm_loss is Megatron's: the token-weighted mean over the global batch.
 /// </para>
 /// <para>
+/// Context parallel (<see cref="ContextParallel"/>): the cp ranks of a data-parallel rank read the same samples and
+/// each trains its two chunks of every sequence (<see cref="MicroBatch"/>); losses are scaled so that the gradients
+/// averaged over data × context parallel are the one-device run's, and the step's sums are reduced over dp × cp.
+/// </para>
+/// <para>
 /// A NaN or infinite loss or gradient norm stops the run before the optimizer step, naming the last good
 /// step; every rank sees the same reduced values, so all stop together.
 /// </para>
@@ -70,6 +75,7 @@ public sealed class Trainer : IDisposable
     private readonly MixtralModel _model;
     private readonly List<GradientBuffer> _buffers = new();
     private readonly DistributedOptimizer _optimizer;
+    private readonly ContextParallel _context;
     private readonly bool _ownsRank;
 
     /// <summary>A one-rank trainer on <paramref name="device"/> (the one-device run).</summary>
@@ -102,6 +108,7 @@ public sealed class Trainer : IDisposable
             log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
         var options = MoeOptions.From(settings);
         RefuseUnimplemented(settings.Parallelism);
+        ContextParallel.CheckSequence(settings.Data.SequenceLength, rank.Groups.Cp.Size);   // MOE0206 again: overrides may follow validation
         var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher, settings.Parallelism.SequenceParallel);
 
         // 1. The single-device model. 2. Parallelize: the plan cuts this rank's part as it is built.
@@ -109,6 +116,7 @@ public sealed class Trainer : IDisposable
         //    checkpoint is restored whole once the optimizer exists (5. below).
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
         _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
+        _context = ContextParallel.Apply(_model, rank.Groups);
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();
@@ -194,10 +202,9 @@ public sealed class Trainer : IDisposable
     {
         var missing = new List<string>();
         if (p.Pipeline > 1) missing.Add($"Pipeline = {p.Pipeline}");
-        if (p.Context > 1) missing.Add($"Context = {p.Context}");
         if (missing.Count > 0)
-            throw new UserError($"This runtime does not run pipeline or context parallelism yet ({string.Join(", ", missing)}); " +
-                "data, tensor (with sequence parallel) and expert parallelism (Parallelism.Tensor, Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
+            throw new UserError($"This runtime does not run pipeline parallelism yet ({string.Join(", ", missing)}); " +
+                "data, tensor (with sequence parallel), context and expert parallelism (Parallelism.Tensor, Context, Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
     }
 
     /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
@@ -290,22 +297,19 @@ public sealed class Trainer : IDisposable
                 using var microScope = torch.NewDisposeScope();
                 long first = FirstSample(step, micro);
                 var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
-                Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
-                var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
-                var o = _model.Forward(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
-                    _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null, returnLogits: false);
-                var total = o.LmLoss! + auxCoeff * o.AuxLoss + (o.ZLoss is null ? 0 : zCoeff * o.ZLoss);
-                (total / microBatches).backward();
+                var mb = MicroBatch.From(batch, seq, device, _context, _s.Data.ResetAttentionMask);
+                var o = _model.Forward(mb.TokensBS, mb.LabelsBS, mb.LossMaskBS, mb.PositionIdsBS, mb.DocumentIdsBS, returnLogits: false);
+                (mb.Loss(o, _context, groups.TpCp, auxCoeff, zCoeff) / microBatches).backward();
                 ManagedBackward.Complete();
                 foreach (var buffer in _buffers) buffer.AccumulateMicroBatch();
                 using (torch.no_grad())
                 {
-                    var counted = lossMask.sum().to(ScalarType.Float64);
+                    var counted = torch.tensor((double)mb.LocalCounted, dtype: ScalarType.Float64, device: device);
                     var kept = torch.stack(o.Layers.Select(l => l.TokensPerExpert).ToArray()).flatten().to(ScalarType.Float64);
                     var routed = torch.stack(o.Layers.Select(l => l.RoutedPerExpert).ToArray()).flatten().to(ScalarType.Float64);
                     sums.add_(torch.cat(new[]
                     {
-                        torch.stack(new[] { o.LmLoss!.detach().to(ScalarType.Float64) * counted, counted,
+                        torch.stack(new[] { mb.LmSum(o.LmLoss!), counted,
                             o.AuxLoss.detach().to(ScalarType.Float64) / microBatches,
                             (o.ZLoss ?? torch.zeros(1, device: device).squeeze()).detach().to(ScalarType.Float64) / microBatches,
                             routed.sum(), kept.sum() }),
@@ -316,13 +320,16 @@ public sealed class Trainer : IDisposable
             SumReplicatedGradientsOverTensorParallel();
             foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
 
-            // One reduction and one read-back of the step's numbers over data parallel.
-            var reduced = sums.to(groups.Dp.DeviceForScalars);
-            groups.Dp.AllReduce(reduced);
+            // One reduction and one read-back of the step's numbers over data × context parallel, then the partial ones
+            // (aux, z, counts) over tensor parallel: lm sums, counted tokens and expert counts add up; the tensor- and
+            // context-parallel ranks' aux losses are shares of their sequences' (they add up too), their z-losses
+            // means over equal numbers of tokens (averaged over dp × tp × cp).
+            var reduced = sums.to(groups.DpCp.DeviceForScalars);
+            groups.DpCp.AllReduce(reduced);
             SumPartialMetricsOverTensorParallel(reduced);
             var v = reduced.cpu().data<double>().ToArray();
             int dp = groups.Dp.Size;
-            double lm = v[1] > 0 ? v[0] / v[1] : 0, aux = v[2] / dp, z = v[3] / dp;
+            double lm = v[1] > 0 ? v[0] / v[1] : 0, aux = v[2] / dp, z = v[3] / (dp * groups.TpCp.Size);
             double loss = lm + auxCoeff * aux + zCoeff * z;
             double routedPairs = v[4], keptPairs = v[5];
             long[][] Counts(int at) => Enumerable.Range(0, layers).Select(l => Enumerable.Range(0, experts).Select(e => (long)Math.Round(v[at + l * experts + e])).ToArray()).ToArray();

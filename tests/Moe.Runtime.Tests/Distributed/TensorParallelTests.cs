@@ -55,6 +55,15 @@ public class TensorParallelTests : IDisposable
             s => s with { Router = s.Router with { LoadBalancing = LoadBalancing.SeqAuxLoss, ZLossCoeff = 1e-3 } }));
 
     [Fact]
+    public void TensorTimesContextParallel_WithZLoss_EqualsTheOneDeviceRun() =>   // TP 2 + SP × CP 2 on 4 ranks: z-loss coefficient ÷ tp_cp once
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4) with { Context = 2 },
+            s => s with { Router = s.Router with { ZLossCoeff = 1e-3 } }));
+
+    [Fact]
+    public void TensorTimesContextTimesExpertParallel_EqualsTheOneDeviceRun() =>   // TP 2 + SP × CP 2 with EP 2 × ETP 1 folded on 4 ranks
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(TpSp(4, ep: 2, etp: 1) with { Context = 2 }));
+
+    [Fact]
     public void TensorParallelWithoutSequenceParallel_IsRefusedByRuleAndAtRunTime()
     {
         var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Tensor = 2 });

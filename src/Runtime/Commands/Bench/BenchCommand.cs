@@ -40,8 +40,9 @@ public static class BenchCommand
     /// the transformers baseline's protocol.
     /// </param>
     /// <param name="Tensor">Tensor-parallel size, with sequence parallel (experts split with ETP = TP, as Megatron defaults).</param>
+    /// <param name="Context">Context-parallel size: each sequence is cut over that many ranks (<see cref="ContextParallel"/>).</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1);
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1);
 
     public const double PeakTflops = 790;
 
@@ -58,9 +59,14 @@ public static class BenchCommand
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
         if (r.Tensor < 1 || r.Gpus % r.Tensor != 0 || r.Gpus % (r.Tensor * r.Expert) != 0)
             throw new UserError($"--gpus {r.Gpus} must be a multiple of --tp {r.Tensor} and of --tp × --ep = {r.Tensor * r.Expert} (experts are split over ETP = TP).");
-        if (r.Seq % r.Tensor != 0)
-            throw new UserError($"--seq {r.Seq} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank --seq / --tp positions.");
-        var layout = new RankLayout(r.Gpus, r.Tensor, 1, 1, r.Expert, r.Tensor, RankOrder.TpCpEpDpPp);
+        if (r.Context < 1 || r.Gpus % (r.Tensor * r.Context) != 0)
+            throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --tp × --cp = {r.Tensor * r.Context}.");
+        ContextParallel.CheckSequence(r.Seq, r.Context, "--seq");
+        if (r.Seq / r.Context % r.Tensor != 0)
+            throw new UserError(r.Context == 1
+                ? $"--seq {r.Seq} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank --seq / --tp positions."
+                : $"--seq {r.Seq} / --cp {r.Context} = {r.Seq / r.Context} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank of a context-parallel rank that many / --tp positions.");
+        var layout = new RankLayout(r.Gpus, r.Tensor, 1, r.Context, r.Expert, r.Tensor, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
         {
@@ -109,16 +115,23 @@ public static class BenchCommand
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
         var dispatcher = r.Dispatcher == "allgather" ? Dsl.TokenDispatcher.AllGather : Dsl.TokenDispatcher.AllToAll;
         var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher, sequenceParallel: r.Tensor > 1);
-        // Under tensor parallel the aux loss is Megatron's per layer (as training computes it); transformers' all-layer form otherwise.
-        var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = r.Tensor > 1 ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
+        // Tensor and context parallel split transformers' aux loss over all layers into nothing meaningful: take Megatron's
+        // per-layer aux_loss there (as training computes it: each rank's share of the whole sequence's; the same work per token).
+        bool split = r.Tensor > 1 || r.Context > 1;
+        var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = split ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
         using var model = new MixtralModel(config, options, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
+        var cp = ContextParallel.Apply(model, rank.Groups);
         var parameters = model.ParametersInForwardOrder().ToList();
         var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
+        // The cp ranks of one data-parallel rank draw the same sequences (seeded by the data-parallel rank) and keep their chunks.
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
-        using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
-        var (labels, mask) = MixtralModel.ShiftedLabels(ids);
+        using var wholeIds = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
+        var (wholeLabels, wholeMask) = MixtralModel.ShiftedLabels(wholeIds);
+        var (ids, labels, mask) = (cp.Shard(wholeIds), cp.Shard(wholeLabels), cp.Shard(wholeMask));
+        // lm_loss weighted over the whole sequence, router losses scaled by CP (MicroBatch.Loss); 1 and 1 without CP.
+        double lmFactor = cp.LossFactor((long)mask.sum().item<float>(), (long)wholeMask.sum().item<float>());
 
         // Where the host spends a step: until the forward is queued, until backward() returns, and waiting for the GPU.
         var forwardMs = new List<double>();
@@ -136,7 +149,7 @@ public static class BenchCommand
                 using var _ = torch.NewDisposeScope();
                 var o = model.Forward(ids, labels, mask, returnLogits: false);
                 if (m == 0) forwardMs.Add(watch.Elapsed.TotalMilliseconds);
-                ((o.LmLoss! + config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
+                ((o.LmLoss! * lmFactor + cp.Size * config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
                 ManagedBackward.Complete();
                 foreach (var b in buffers) b.AccumulateMicroBatch();
             }
@@ -193,8 +206,8 @@ public static class BenchCommand
 
     private static int Report(Request r, RankResult result, TextWriter output)
     {
-        // Each data-parallel replica (TP ranks) processes MicroBatches · MicroBatch · Seq tokens a step: per GPU, ÷ TP.
-        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / r.Tensor / result.StepSeconds;
+        // Per GPU: each data-parallel replica (TP × CP GPUs) processes MicroBatches · MicroBatch · Seq tokens a step.
+        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / (r.Tensor * r.Context) / result.StepSeconds;
         double flops = ModelFlopsPerToken(result.Config, r.Seq) * tokensPerSecond;
         var json = new Dictionary<string, object?>
         {
@@ -206,7 +219,8 @@ public static class BenchCommand
             ["tp"] = r.Tensor,
             ["sp"] = r.Tensor > 1,
             ["ep"] = r.Expert,
-            ["dp"] = r.Gpus / r.Tensor,
+            ["cp"] = r.Context,
+            ["dp"] = r.Gpus / (r.Tensor * r.Context),
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["main_grads"] = r.MainGrads,

@@ -21,6 +21,7 @@ public sealed class BenchCommandDefinition
         Device = new Option<string>("--device") { Description = "cuda (bf16) or cpu (fp32).", DefaultValueFactory = _ => "cuda" };
         Device.AcceptOnlyFromAmong("cpu", "cuda");
         Gpus = new Option<int>("--gpus") { Description = "Ranks (GPUs; threads with --device cpu).", DefaultValueFactory = _ => 1 };
+        Context = new Option<int>("--cp") { Description = "Context-parallel size: each sequence is cut over that many ranks (divides --gpus; --seq a multiple of 2 × it).", DefaultValueFactory = _ => 1 };
         Expert = new Option<int>("--ep") { Description = "Expert-parallel size (divides --gpus and the experts).", DefaultValueFactory = _ => 1 };
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
@@ -32,7 +33,7 @@ public sealed class BenchCommandDefinition
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads, Tensor }) Command.Options.Add(o);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -43,6 +44,7 @@ public sealed class BenchCommandDefinition
     public Option<int> Iters { get; }
     public Option<string> Device { get; }
     public Option<int> Gpus { get; }
+    public Option<int> Context { get; }
     public Option<int> Expert { get; }
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }

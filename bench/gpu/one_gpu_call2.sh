@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One H200: where the step time went since main's 90k figure — the trainer's fp32 main gradients (--main-grads true,
+# what training does) against gradients left in the parameters' bf16 .grad (false: the transformers baseline's
+# protocol), 1 and 8 micro-batches, beside the baseline; the oracle case the previous call's script bug failed;
+# checkpoint part 1 again (the export's config.json loaded by transformers).
+. .gpu/common.sh
+B="--model 8x7b --layers 2 --seq 4096"
+for extra in "--main-grads false --iters 10" "--main-grads true --iters 10" "--main-grads false --micro-batches 8 --iters 4" "--main-grads true --micro-batches 8 --iters 4"; do
+  echo "== bench $extra" | tee -a $OUT/run.log
+  timeout 200 $M bench $B $extra 2>>$OUT/run.log | tee -a $OUT/bench.jsonl
+done
+echo "== transformers baseline" | tee -a $OUT/run.log
+timeout 200 python3 .gpu/hf_mixtral_baseline.py --model 8x7b --layers 2 --seq 4096 2>>$OUT/run.log | tee -a $OUT/bench.jsonl
+echo "== megatron oracle (1 case)" | tee -a $OUT/run.log
+mkdir -p /tmp/mlm && xz -dc .gpu/megatron.tar.xz > /tmp/mlm.tar && tar -xf /tmp/mlm.tar -C /tmp/mlm
+export MEGATRON_COMMIT=$(git get-tar-commit-id < /tmp/mlm.tar 2>/dev/null || echo d98e8a64ddf34856e74b24714e3bedb2f5a39553)
+MEGATRON_PATH=/tmp/mlm timeout 200 torchrun --standalone --nproc_per_node 1 .gpu/megatron_moe_oracle.py --out /tmp/oracle \
+  --cases group_limited_sigmoid_bias >$OUT/oracle.log 2>&1
+echo "oracle exit $?" | tee -a $OUT/run.log; grep -E "^(ok|FAIL)" $OUT/oracle.log | tee -a $OUT/run.log
+tar -C /tmp/oracle -czf $OUT/megatron-moe.tar.gz . 2>/dev/null
+echo "== checkpoint part 1" | tee -a $OUT/run.log
+CKPT_PARTS=1 timeout 200 bash .gpu/checkpoint.sh >>$OUT/run.log 2>&1; echo "checkpoint exit $?" | tee -a $OUT/run.log
