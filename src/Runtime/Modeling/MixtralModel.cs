@@ -64,7 +64,7 @@ public sealed record ForwardOutput(Tensor? LogitsBSV, Tensor? LmLoss, Tensor Aux
 /// </summary>
 public sealed class MixtralModel : nn.Module
 {
-    private readonly Parameter embed_tokens, norm, lm_head;
+    private readonly Parameter? embed_tokens, norm, lm_head;
     private readonly ModuleList<DecoderLayer> layers;
 
     /// <param name="config">The model's config.</param>
@@ -72,19 +72,38 @@ public sealed class MixtralModel : nn.Module
     /// <param name="dtype">Parameter dtype.</param>
     /// <param name="device">Parameter device.</param>
     /// <param name="plan">This rank's cut of the model (its experts and their dispatcher); null for the whole model on one device.</param>
-    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device, ParallelPlan? plan = null) : base("model")
+    /// <param name="stage">
+    /// The pipeline stage this rank builds (its layers, and the embedding on the first stage, the final norm and LM
+    /// head on the last); null for every layer. Parameter names keep the model's layer numbers.
+    /// </param>
+    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device, ParallelPlan? plan = null, PipelineStage? stage = null) : base("model")
     {
         if (config.TieWordEmbeddings)
             throw new UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
         Dtype = dtype;
         Plan = plan;
-        embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
-        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher())).ToArray());
-        norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
-        lm_head = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        Stage = stage ?? PipelineStage.Whole(config.Layers);
+        LayerNumbers = Stage.Layers.ToArray();
+        if (Stage.HoldsEmbedding) embed_tokens = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        layers = new ModuleList<DecoderLayer>(LayerNumbers.Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher())).ToArray());
+        if (Stage.HoldsHead)
+        {
+            norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
+            lm_head = new Parameter(torch.empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device));
+        }
+        Device = device;
         RegisterComponents();
     }
+
+    /// <summary>The pipeline stage this model is (the whole model: one stage of every layer).</summary>
+    public PipelineStage Stage { get; }
+
+    /// <summary>The model's number of each layer this rank holds, in <see cref="Layers"/> order.</summary>
+    public IReadOnlyList<int> LayerNumbers { get; }
+
+    /// <summary>The parameters' device.</summary>
+    public Device Device { get; }
 
     public MixtralConfig Config { get; }
 
@@ -107,11 +126,11 @@ public sealed class MixtralModel : nn.Module
     public IEnumerable<ModelParameter> ParametersInForwardOrder()
     {
         ModelParameter Whole(string name, Parameter p) => new(name, p, false, TensorShard.Whole(p.shape));
-        yield return Whole("model.embed_tokens", embed_tokens);
-        for (int l = 0; l < layers.Count; l++)
+        if (embed_tokens is not null) yield return Whole("model.embed_tokens", embed_tokens);
+        for (int i = 0; i < layers.Count; i++)
         {
-            var layer = layers[l];
-            string prefix = $"model.layers.{l}.";
+            var layer = layers[i];
+            string prefix = $"model.layers.{LayerNumbers[i]}.";
             yield return Whole(prefix + "input_layernorm", layer.InputNorm);
             yield return Whole(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv);
             yield return Whole(prefix + "self_attn.o_proj", layer.SelfAttention.O);
@@ -125,13 +144,13 @@ public sealed class MixtralModel : nn.Module
             yield return new(prefix + "mlp.experts.down", layer.Moe.ExpertWeights.Down, true,
                 new TensorShard([e, h, ffn], [local, h, slice], [first, 0, at]));
         }
-        yield return Whole("model.norm", norm);
-        yield return Whole("lm_head", lm_head);
+        if (norm is not null) yield return Whole("model.norm", norm);
+        if (lm_head is not null) yield return Whole("lm_head", lm_head);
     }
 
-    public Parameter Embedding => embed_tokens;
-    public Parameter FinalNorm => norm;
-    public Parameter LmHead => lm_head;
+    public Parameter Embedding => embed_tokens ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no embedding (the first stage does).");
+    public Parameter FinalNorm => norm ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no final norm (the last stage does).");
+    public Parameter LmHead => lm_head ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no LM head (the last stage does).");
     public IReadOnlyList<DecoderLayer> Layers => layers.ToList();
 
     /// <summary>
@@ -174,8 +193,38 @@ public sealed class MixtralModel : nn.Module
     public ForwardOutput Forward(Tensor inputIdsBS, Tensor? labelsBS = null, Tensor? lossMaskBS = null,
         Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true, Tensor? attentionMaskBS = null)
     {
+        if (Stage.Stages > 1)
+            throw new InvalidOperationException($"Forward runs the whole model; pipeline stage {Stage.Stage} of {Stage.Stages} runs through PipelineRunner.");
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
-        var device = embed_tokens.device;
+        var device = Device;
+        var (rope, mask) = AttentionInputs(b, s, positionIdsBS, documentIdsBS, attentionMaskBS);
+        var xBSH = Embed(inputIdsBS);
+        var moeOutputs = new List<MoeLayerOutput>(layers.Count);
+        foreach (var layer in layers)
+        {
+            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
+            moeOutputs.Add(moe);
+        }
+        var (logitsBSV, lmLoss) = Head(xBSH, labelsBS, lossMaskBS, returnLogits);
+        HostTrace.Mark("lm head + loss");
+        var options = layers[0].Moe.Options;
+        Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
+            ? torch.zeros(1, device: device).squeeze()
+            : options.AuxLossConvention == AuxLossConvention.Transformers
+                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
+                : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
+        HostTrace.Mark("aux loss");
+        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
+        return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
+    }
+
+    /// <summary>
+    /// RoPE tables and the attention mask every layer uses (see <see cref="Forward"/> for the arguments): the
+    /// first piece of the forward, which every pipeline stage computes for itself.
+    /// </summary>
+    public ((Tensor, Tensor) Rope, Tensor? Mask) AttentionInputs(long b, long s, Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, Tensor? attentionMaskBS = null)
+    {
+        var device = Device;
         positionIdsBS ??= torch.arange(s, device: device).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
         var mask = documentIdsBS is null ? null : DocumentCausalMask(documentIdsBS);
@@ -195,21 +244,31 @@ public sealed class MixtralModel : nn.Module
             var selfSS = torch.eye(s, dtype: ScalarType.Bool, device: device);
             mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
         }
+        return (rope, mask);
+    }
 
-        var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
+    /// <summary>The token embedding [B, S, H] of <paramref name="inputIdsBS"/> (the first stage's piece).</summary>
+    public Tensor Embed(Tensor inputIdsBS)
+    {
+        long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
+        var xBSH = Embedding.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
         HostTrace.Mark("embedding");
-        var moeOutputs = new List<MoeLayerOutput>(layers.Count);
-        foreach (var layer in layers)
-        {
-            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
-            moeOutputs.Add(moe);
-        }
+        return xBSH;
+    }
+
+    /// <summary>
+    /// Final norm, LM head and the mean cross-entropy over the counted positions (the last stage's piece; see
+    /// <see cref="Forward"/>). Logits only when <paramref name="returnLogits"/>; the loss only with labels.
+    /// </summary>
+    public (Tensor? LogitsBSV, Tensor? LmLoss) Head(Tensor xBSH, Tensor? labelsBS, Tensor? lossMaskBS, bool returnLogits)
+    {
+        long b = xBSH.shape[0], s = xBSH.shape[1];
         Tensor? logitsBSV, lmLoss = null;
         using (var head = torch.NewDisposeScope())
         {
             // Its own scope, like the layers': without logits asked for, the bf16 logits and their fp32 copy are
             // released here (cross-entropy keeps only its log-probabilities for the backward).
-            logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps), lm_head);
+            logitsBSV = nn.functional.linear(Kernels.RmsNorm(xBSH, FinalNorm, Config.RmsNormEps), LmHead);
             HostTrace.Mark("lm head");
             if (labelsBS is not null)
             {
@@ -225,16 +284,7 @@ public sealed class MixtralModel : nn.Module
             }
             logitsBSV = returnLogits ? head.MoveToOuter(logitsBSV) : null;
         }
-        HostTrace.Mark("lm head + loss");
-        var options = layers[0].Moe.Options;
-        Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
-            ? torch.zeros(1, device: device).squeeze()
-            : options.AuxLossConvention == AuxLossConvention.Transformers
-                ? AuxLosses.Transformers(moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
-                : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
-        HostTrace.Mark("aux loss");
-        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
-        return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
+        return (logitsBSV, lmLoss);
     }
 
     /// <summary>

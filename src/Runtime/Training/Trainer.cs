@@ -108,7 +108,8 @@ public sealed class Trainer : IDisposable
         // 3. Initialise (seeded, the same on every rank) or load: a Hugging Face folder gives the weights only; a Moe
         //    checkpoint is restored whole once the optimizer exists (5. below).
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
-        _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
+        var stage = PipelineStage.Of(settings.Parallelism with { Pipeline = rank.Groups.Layout.Pipeline }, settings.Model.Layers, rank.Groups.Coordinates.Pp);
+        _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan, stage);
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();
@@ -193,11 +194,10 @@ public sealed class Trainer : IDisposable
     {
         var missing = new List<string>();
         if (p.Tensor > 1) missing.Add($"Tensor = {p.Tensor}");
-        if (p.Pipeline > 1) missing.Add($"Pipeline = {p.Pipeline}");
         if (p.Context > 1) missing.Add($"Context = {p.Context}");
         if (missing.Count > 0)
-            throw new UserError($"This runtime does not run tensor, pipeline or context parallelism yet ({string.Join(", ", missing)}); " +
-                "data and expert parallelism (Parallelism.Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
+            throw new UserError($"This runtime does not run tensor or context parallelism yet ({string.Join(", ", missing)}); " +
+                "data, expert and pipeline parallelism (Parallelism.Expert, ExpertTensor, Pipeline) run. Plan the layout with `moe plan`, or set those sizes to 1.");
     }
 
     /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
@@ -284,7 +284,10 @@ public sealed class Trainer : IDisposable
             // Device-side sums over the step's micro-batches, read back once: [lm sum, counted tokens, aux, z, routed,
             // kept, kept per expert (L·E), routed per expert (L·E)].
             var sums = torch.zeros(6 + 2 * layers * experts, dtype: ScalarType.Float64, device: device);
-            for (int micro = 0; micro < microBatches; micro++)
+            if (_model.Stage.Stages > 1)
+                new PipelineRunner(_model, groups.Pp, auxCoeff, zCoeff).Step(micro => MicroBatch(data, step, micro), microBatches, sums,
+                    afterBackward: () => { foreach (var buffer in _buffers) buffer.AccumulateMicroBatch(); });
+            else for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
                 using var microScope = torch.NewDisposeScope();
@@ -315,8 +318,10 @@ public sealed class Trainer : IDisposable
             }
             foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
 
-            // One reduction and one read-back of the step's numbers over data parallel.
+            // One reduction and one read-back of the step's numbers over data parallel (and over the pipeline
+            // stages first: each holds its layers' numbers, the last stage the LM loss).
             var reduced = sums.to(groups.Dp.DeviceForScalars);
+            groups.Pp.AllReduce(reduced);
             groups.Dp.AllReduce(reduced);
             var v = reduced.cpu().data<double>().ToArray();
             int dp = groups.Dp.Size;
@@ -363,6 +368,19 @@ public sealed class Trainer : IDisposable
         var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
         observer.RunEnded(result);
         return result;
+    }
+
+    /// <summary>Micro-batch <paramref name="micro"/> of <paramref name="step"/> on this rank, as the one-device loop reads it.</summary>
+    private MicroBatchInputs MicroBatch(ISampleSource data, int step, int micro)
+    {
+        int b = _s.Training.MicroBatchSize, seq = _s.Data.SequenceLength;
+        var device = _rank.Device;
+        long first = FirstSample(step, micro);
+        var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
+        Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
+        var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
+        return new MicroBatchInputs(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
+            _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null);
     }
 
     /// <summary>

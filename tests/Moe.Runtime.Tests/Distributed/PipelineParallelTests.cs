@@ -1,0 +1,95 @@
+using Moe.Dsl;
+using Moe.Runtime.Training;
+using Xunit;
+
+namespace Moe.Runtime.Tests.Distributed;
+
+/// <summary>
+/// Pipeline parallel: the schedules' order against Megatron-Core's, derived by hand from
+/// megatron/core/pipeline_parallel/schedules.py (forward_backward_pipelining_without_interleaving and
+/// forward_backward_pipelining_with_interleaving: warm-up counts, the schedule table, reversed chunks in the
+/// backward), and layouts with pipeline stages against the one-device run (<see cref="ParallelEquivalenceTests"/>).
+/// </summary>
+[Collection("Console")]
+public class PipelineParallelTests
+{
+    private static string Order(int pp, int stage, int m, int chunks = 1, bool forwardOnly = false) =>
+        string.Join(" ", PipelineSchedules.For(pp, stage, m, chunks, forwardOnly));
+
+    [Theory]
+    // pp 4, M 6: warm-up pp − stage − 1 forwards, then F/B in turn, then the remaining backwards.
+    [InlineData(4, 0, 6, "F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5")]
+    [InlineData(4, 1, 6, "F0 F1 F2 B0 F3 B1 F4 B2 F5 B3 B4 B5")]
+    [InlineData(4, 2, 6, "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 B5")]
+    [InlineData(4, 3, 6, "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5")]
+    // Fewer micro-batches than stages: the warm-up is capped at M (Megatron's min(pp − rank − 1, M)).
+    [InlineData(4, 0, 2, "F0 F1 B0 B1")]
+    [InlineData(2, 0, 1, "F0 B0")]
+    public void OneForwardOneBackward_FollowsMegatronsOrder(int pp, int stage, int m, string expected) =>
+        Assert.Equal(expected, Order(pp, stage, m));
+
+    [Theory]
+    // pp 2, VPP 2, M 4: virtual micro-batch k is micro-batch (k div 4)·2 + k mod 2 through chunk (k mod 4) div 2;
+    // backwards run the chunks in reverse. Warm-up: stage 0 (2−0−1)·2 + (2−1)·2 = 4, stage 1 0 + 2 = 2.
+    [InlineData(2, 0, 4, "F0 F1 F0.1 F1.1 F2 B0.1 F3 B1.1 F2.1 B0 F3.1 B1 B2.1 B3.1 B2 B3")]
+    [InlineData(2, 1, 4, "F0 F1 F0.1 B0.1 F1.1 B1.1 F2 B0 F3 B1 F2.1 B2.1 F3.1 B3.1 B2 B3")]
+    // M = pp: every forward first, then every backward.
+    [InlineData(2, 0, 2, "F0 F1 F0.1 F1.1 B0.1 B1.1 B0 B1")]
+    [InlineData(2, 1, 2, "F0 F1 F0.1 F1.1 B0.1 B1.1 B0 B1")]
+    public void Interleaved_FollowsMegatronsOrder(int pp, int stage, int m, string expected) =>
+        Assert.Equal(expected, Order(pp, stage, m, chunks: 2));
+
+    [Fact]
+    public void InterleavedWarmup_IsMegatronsCount()
+    {
+        // pp 4, VPP 3, M 8: (4 − stage − 1)·2 + (3 − 1)·4.
+        Assert.Equal(new[] { 14, 12, 10, 8 }, Enumerable.Range(0, 4).Select(s => PipelineSchedules.WarmupCount(4, s, 8, 3)));
+        // Capped at M·VPP: pp 4, VPP 2, M 8 gives stage 0 (3·2 + 4) = 10 ≤ 16.
+        Assert.Equal(10, PipelineSchedules.WarmupCount(4, 0, 8, 2));
+    }
+
+    [Fact]
+    public void ForwardOnly_RunsEveryForwardInTableOrder()
+    {
+        Assert.Equal("F0 F1 F2", Order(2, 0, 3, forwardOnly: true));
+        Assert.Equal("F0 F1 F0.1 F1.1 F2 F3 F2.1 F3.1", Order(2, 1, 4, chunks: 2, forwardOnly: true));
+    }
+
+    [Theory]
+    [InlineData(3)]   // not a multiple of pp
+    [InlineData(1)]   // fewer than pp
+    public void InterleavedWithTooFewOrUnevenMicroBatches_IsAUserError(int m)
+    {
+        var e = Assert.Throws<UserError>(() => PipelineSchedules.For(2, 0, m, chunks: 2));
+        Assert.Contains($"this step has {m}", e.Message);
+        Assert.Contains("MOE0203", e.Message);
+    }
+
+    [Fact]
+    public void EveryScheduleRunsEachForwardAndBackwardOnce()
+    {
+        foreach (var (pp, chunks, m) in new[] { (2, 1, 5), (4, 1, 3), (3, 2, 6), (4, 3, 8), (2, 2, 6) })
+            for (int stage = 0; stage < pp; stage++)
+            {
+                var actions = PipelineSchedules.For(pp, stage, m, chunks);
+                Assert.Equal(2 * m * chunks, actions.Distinct().Count());
+                // A micro-batch's backward through a chunk comes after its forward through that chunk.
+                foreach (var b in actions.Where(a => a.Backward))
+                    Assert.True(actions.ToList().IndexOf(PipelineAction.F(b.MicroBatch, b.Chunk)) < actions.ToList().IndexOf(b), $"pp {pp} stage {stage}: {b}");
+            }
+    }
+
+    [Fact]
+    public void Pipeline2_EqualsTheOneDeviceRun() =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Pipeline = 2 }));
+
+    [Fact]
+    public void Pipeline2WithVirtualPipeline2AndUnevenStages_EqualsTheOneDeviceRun() =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(
+            new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2, FirstStageLayers = 2, LastStageLayers = 4 },
+            s => s with { Model = s.Model with { Layers = 6 } }));
+
+    [Fact]
+    public void Pipeline2WithExpertParallel2_EqualsTheOneDeviceRun() =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 4, Pipeline = 2, Expert = 2 }));
+}
