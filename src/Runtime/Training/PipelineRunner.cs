@@ -168,7 +168,9 @@ public sealed class PipelineRunner
             using (torch.no_grad())
             {
                 var counted = m.LossMaskBS.sum().to(ScalarType.Float64);
-                sums[0].add_(lm!.detach().to(ScalarType.Float64) * counted);
+                var weighted = lm!.detach().to(ScalarType.Float64) * counted;
+                // Evaluation skips a micro-batch with no counted token (its mean is NaN and weighs nothing), as the evaluator does.
+                sums[0].add_(forwardOnly ? torch.where(counted.gt(0), weighted, torch.zeros_like(weighted)) : weighted);
                 sums[1].add_(counted);
             }
             output = lm! / microBatches;

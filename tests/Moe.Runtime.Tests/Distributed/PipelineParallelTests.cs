@@ -1,6 +1,12 @@
 using Moe.Dsl;
+using Moe.Dsl.Layout;
+using Moe.Runtime.Distributed.InProcess;
+using Moe.Runtime.MixtureOfExperts;
+using Moe.Runtime.Modeling;
 using Moe.Runtime.Training;
+using TorchSharp;
 using Xunit;
+using static TorchSharp.torch;
 
 namespace Moe.Runtime.Tests.Distributed;
 
@@ -87,9 +93,44 @@ public class PipelineParallelTests
     public void Pipeline2WithVirtualPipeline2AndUnevenStages_EqualsTheOneDeviceRun() =>
         ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(
             new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2, FirstStageLayers = 2, LastStageLayers = 4 },
-            s => s with { Model = s.Model with { Layers = 6 } }));
+            s => s with { Model = s.Model with { Layers = 6 }, Router = s.Router with { ZLossCoeff = 1e-2 } }));   // z-loss too: both attached per layer
 
     [Fact]
     public void Pipeline2WithExpertParallel2_EqualsTheOneDeviceRun() =>
         ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 4, Pipeline = 2, Expert = 2 }));
+
+    [Fact]
+    public void EvaluatorWithPipeline2_EqualsTheOneDeviceLoss()
+    {
+        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Pipeline = 2 }, s => s with { Training = s.Training with { EvalIters = 1 } });
+        double Evaluate(RankContext rank)
+        {
+            using var validation = new IndexedSampleSource(s, s.Model.EosTokenId, split: 1, samples: Evaluator.SampleCount(s));
+            var stage = PipelineStage.Of(s.Parallelism with { Pipeline = rank.Groups.Layout.Pipeline }, s.Model.Layers, rank.Groups.Coordinates.Pp);
+            using var model = new MixtralModel(MixtralConfig.From(s.Model), MoeOptions.From(s), ScalarType.Float32, CPU, stage: stage);
+            model.InitializeWeights(1);
+            model.train();
+            return new Evaluator(model, validation, s, rank).Loss();
+        }
+        var single = RankContext.Single(s, CPU);
+        double one = Evaluate(single);
+        single.Groups.Dispose();
+        var ranks = InProcessJob.Run(new RankLayout(2, 1, 2, 1, 1, 1, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60), Evaluate);
+        Assert.All(ranks, loss => Assert.True(Math.Abs(loss - one) <= 1e-5 * one, $"{loss:R} vs one device {one:R}"));
+    }
+
+    [Fact]
+    public void StagesOwnTheWiringsLayersWithGlobalNames()
+    {
+        var p = new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2, FirstStageLayers = 2, LastStageLayers = 4 };
+        var config = MixtralConfig.From(Model.TinyMixtral with { Layers = 6 });
+        // Megatron: chunk c of stage s starts at c·L/v + (layers of the stages before s)/v: stage 0 {0}, {3}; stage 1 {1, 2}, {4, 5}.
+        string Names(int stage)
+        {
+            using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, ScalarType.Float32, CPU, stage: PipelineStage.Of(p, 6, stage));
+            return string.Join(" ", model.ParametersInForwardOrder().Select(x => x.Name).Where(n => !n.Contains(".layers.") || n.EndsWith("input_layernorm", StringComparison.Ordinal)));
+        }
+        Assert.Equal("model.embed_tokens model.layers.0.input_layernorm model.layers.3.input_layernorm", Names(0));
+        Assert.Equal("model.layers.1.input_layernorm model.layers.2.input_layernorm model.layers.4.input_layernorm model.layers.5.input_layernorm model.norm lm_head", Names(1));
+    }
 }
