@@ -133,4 +133,23 @@ public class PipelineParallelTests
         Assert.Equal("model.embed_tokens model.layers.0.input_layernorm model.layers.3.input_layernorm", Names(0));
         Assert.Equal("model.layers.1.input_layernorm model.layers.2.input_layernorm model.layers.4.input_layernorm model.layers.5.input_layernorm model.norm lm_head", Names(1));
     }
+
+    [Fact]
+    public void BenchWithPipeline2_ReportsThroughputPerGpu()
+    {
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 2, 32, 1, 2, "cpu", Gpus: 2, MicroBatches: 4, Pipeline: 2), output));
+        using var doc = System.Text.Json.JsonDocument.Parse(output.ToString());
+        Assert.Equal(2, doc.RootElement.GetProperty("pp").GetInt32());
+        Assert.Equal(1, doc.RootElement.GetProperty("dp").GetInt32());
+        double step = doc.RootElement.GetProperty("step_s").GetDouble(), perGpu = doc.RootElement.GetProperty("tokens_per_s_per_gpu").GetDouble();
+        Assert.Equal(4 * 32 / step / 2, perGpu, 6);   // the pipeline's 4 micro-batches of 32 tokens, shared by its 2 GPUs
+    }
+
+    [Fact]
+    public void BenchWithPipelineNotDividingTheLayers_IsAUserError()
+    {
+        var e = Assert.Throws<UserError>(() => Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 3, 32, 1, 2, "cpu", Gpus: 2, Pipeline: 2), TextWriter.Null));
+        Assert.Contains("--pp 2 must divide --layers 3", e.Message);
+    }
 }

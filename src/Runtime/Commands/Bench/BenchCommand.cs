@@ -34,8 +34,9 @@ public static class BenchCommand
     /// <param name="Expert">Expert-parallel size.</param>
     /// <param name="MicroBatches">Micro-batches per step (gradients accumulated, then reduced).</param>
     /// <param name="Dispatcher">alltoall or allgather.</param>
+    /// <param name="Pipeline">Pipeline-parallel size: stages run Megatron's 1F1B schedule over the micro-batches, with Megatron's per-layer aux loss.</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall");
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", int Pipeline = 1);
 
     public const double PeakTflops = 790;
 
@@ -48,7 +49,9 @@ public static class BenchCommand
         var preset = Preset(r.Model);
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
-        var layout = new RankLayout(r.Gpus, 1, 1, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
+        if (r.Pipeline < 1 || r.Gpus % (r.Pipeline * r.Expert) != 0 || r.Layers % r.Pipeline != 0)
+            throw new UserError($"--pp {r.Pipeline} must divide --layers {r.Layers}, and --pp × --ep ({r.Pipeline} × {r.Expert}) must divide --gpus {r.Gpus}.");
+        var layout = new RankLayout(r.Gpus, 1, r.Pipeline, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
         {
@@ -97,7 +100,10 @@ public static class BenchCommand
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
         var dispatcher = r.Dispatcher == "allgather" ? Dsl.TokenDispatcher.AllGather : Dsl.TokenDispatcher.AllToAll;
         var plan = ParallelPlan.For(rank.Groups, config.Experts, dispatcher);
-        using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
+        // Pipeline stages need a loss per layer: Megatron's aux loss instead of transformers' pooled one.
+        var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = r.Pipeline > 1 ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
+        var stage = PipelineStage.Of(new Dsl.Parallelism { Gpus = r.Gpus, Pipeline = r.Pipeline }, r.Layers, rank.Groups.Coordinates.Pp);
+        using var model = new MixtralModel(config, options, dtype, device, plan, stage);
         model.InitializeWeights(0);
         model.train();
         var buffers = Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups);
@@ -115,7 +121,16 @@ public static class BenchCommand
             var watch = Stopwatch.StartNew();
             HostTrace.Start();
             foreach (var b in buffers) b.BindGradients();
-            for (int m = 0; m < r.MicroBatches; m++)
+            if (stage.Stages > 1)
+            {
+                using var _ = torch.NewDisposeScope();
+                var positions = torch.arange(r.Seq, device: device).unsqueeze(0).expand(r.MicroBatch, r.Seq);
+                var sums = torch.zeros(6 + 2 * config.Layers * config.Experts, dtype: ScalarType.Float64, device: device);
+                new PipelineRunner(model, rank.Groups.Pp, config.RouterAuxLossCoef, 0).Step(_ => new MicroBatchInputs(ids, labels, mask, positions, null), r.MicroBatches, sums,
+                    afterBackward: () => { foreach (var b in buffers) b.AccumulateMicroBatch(); });
+                forwardMs.Add(watch.Elapsed.TotalMilliseconds);
+            }
+            else for (int m = 0; m < r.MicroBatches; m++)
             {
                 using var _ = torch.NewDisposeScope();
                 var o = model.Forward(ids, labels, mask, returnLogits: false);
@@ -176,7 +191,8 @@ public static class BenchCommand
 
     private static int Report(Request r, RankResult result, TextWriter output)
     {
-        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / result.StepSeconds;
+        // A pipeline of --pp GPUs shares each data-parallel rank's tokens.
+        double tokensPerSecond = r.MicroBatches * r.MicroBatch * (double)r.Seq / result.StepSeconds / r.Pipeline;
         double flops = ModelFlopsPerToken(result.Config, r.Seq) * tokensPerSecond;
         var json = new Dictionary<string, object?>
         {
@@ -186,7 +202,8 @@ public static class BenchCommand
             ["seq"] = r.Seq,
             ["gpus"] = r.Gpus,
             ["ep"] = r.Expert,
-            ["dp"] = r.Gpus,
+            ["pp"] = r.Pipeline,
+            ["dp"] = r.Gpus / r.Pipeline,
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["step_s"] = result.StepSeconds,

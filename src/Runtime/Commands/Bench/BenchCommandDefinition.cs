@@ -25,7 +25,8 @@ public sealed class BenchCommandDefinition
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
         Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher }) Command.Options.Add(o);
+        Pipeline = new Option<int>("--pp") { Description = "Pipeline-parallel size (divides --gpus and --layers; Megatron's 1F1B over --micro-batches).", DefaultValueFactory = _ => 1 };
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, Pipeline }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -39,4 +40,5 @@ public sealed class BenchCommandDefinition
     public Option<int> Expert { get; }
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }
+    public Option<int> Pipeline { get; }
 }
