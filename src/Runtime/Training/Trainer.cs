@@ -110,6 +110,7 @@ public sealed class Trainer : IDisposable
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
         var stage = PipelineStage.Of(settings.Parallelism with { Pipeline = rank.Groups.Layout.Pipeline }, settings.Model.Layers, rank.Groups.Coordinates.Pp);
         _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan, stage);
+        if (stage.Stages > 1) PipelineSchedules.For(stage.Stages, stage.Stage, MicroBatches, stage.ChunkCount);   // a schedule the micro-batches cannot fill fails now
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();

@@ -152,4 +152,16 @@ public class PipelineParallelTests
         var e = Assert.Throws<UserError>(() => Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 3, 32, 1, 2, "cpu", Gpus: 2, Pipeline: 2), TextWriter.Null));
         Assert.Contains("--pp 2 must divide --layers 3", e.Message);
     }
+
+    [Fact]
+    public void TrainerWithInterleavingAndMicroBatchesNotAMultipleOfStages_IsAUserErrorBeforeTraining()
+    {
+        // Global batch 6 of micro-batches of 2: three micro-batches for two stages (Megatron raises at the first step).
+        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2 },
+            s => s with { Model = s.Model with { Layers = 4 }, Training = s.Training with { GlobalBatchSize = 6 } });
+        var e = Assert.Throws<UserError>(() => InProcessJob.Run(new RankLayout(2, 1, 2, 1, 1, 1, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60),
+            rank => new Trainer(s, rank, TextWriter.Null)));
+        Assert.Contains("this step has 3", e.Message);
+        Assert.Contains("MOE0203", e.Message);
+    }
 }
