@@ -178,7 +178,10 @@ public static class MixtralStateDictAdapter
             }
             // Other ranks' experts (expert parallel) are the model's tensors too, only not this rank's.
             var whole = HubShapes(model.Config).Select(e => e.Key).ToHashSet(StringComparer.Ordinal);
-            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            // Other pipeline stages' layers are checked by the stages that hold them.
+            var mine = model.LayerNumbers.Select(l => $"model.layers.{l}.").ToArray();
+            bool OtherStages(string k) => model.Stage.Stages > 1 && k.StartsWith("model.layers.", StringComparison.Ordinal) && !mine.Any(p => k.StartsWith(p, StringComparison.Ordinal));
+            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !OtherStages(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
             if (unexpected.FirstOrDefault(k => k.EndsWith(ExpertBiasSuffix, StringComparison.Ordinal)) is string bias)
                 throw new UserError($"{directory}: the checkpoint holds an aux-loss-free expert bias ('{bias}' in {System.IO.Path.GetFileName(byKey[bias].Path)}) that this model would ignore; " +
                     "load it with Router.EnableExpertBias = true and ScoreFunction = Sigmoid, as it was trained.");
