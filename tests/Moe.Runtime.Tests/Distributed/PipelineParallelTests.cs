@@ -95,6 +95,14 @@ public class PipelineParallelTests
             new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2, FirstStageLayers = 2, LastStageLayers = 4 },
             s => s with { Model = s.Model with { Layers = 6 }, Router = s.Router with { ZLossCoeff = 1e-2 } }));   // z-loss too: both attached per layer
 
+    [Theory]
+    [InlineData(null)]   // 1F1B: middle stages receive and send both ways
+    [InlineData(2)]      // interleaved: the last stage's chunk 0 feeds the first stage's chunk 1
+    public void Pipeline4_EqualsTheOneDeviceRun(int? virtualPipeline) =>
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(
+            new Parallelism { Gpus = 4, Pipeline = 4, VirtualPipeline = virtualPipeline },
+            s => s with { Model = s.Model with { Layers = 4 * (virtualPipeline ?? 1) } }));
+
     [Fact]
     public void Pipeline2WithExpertParallel2_EqualsTheOneDeviceRun() =>
         ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 4, Pipeline = 2, Expert = 2 }));
