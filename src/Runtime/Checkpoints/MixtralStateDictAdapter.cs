@@ -44,17 +44,16 @@ public static class MixtralStateDictAdapter
     public static IReadOnlyList<HubTensor> HubTensors(MixtralModel model)
     {
         var c = model.Config;
-        // Tensor parallel: the LM head and the embedding are split by vocabulary rows.
+        // Tensor parallel: the LM head and the embedding are split by vocabulary rows. A pipeline stage has its own
+        // layers (global numbers), the first also the embedding, the last the norm and head.
         TensorShard? vocab = model.TensorSize > 1 ? model.TensorParallel.VocabShard(c.VocabSize, c.HiddenSize) : null;
-        var list = new List<HubTensor>
+        var list = new List<HubTensor>();
+        if (model.Stage.HoldsHead) list.Add(new("lm_head.weight", model.LmHead, t => t, vocab));
+        if (model.Stage.HoldsEmbedding) list.Add(new("model.embed_tokens.weight", model.Embedding, t => t, vocab));
+        for (int i = 0; i < model.Layers.Count; i++)
         {
-            new("lm_head.weight", model.LmHead, t => t, vocab),
-            new("model.embed_tokens.weight", model.Embedding, t => t, vocab),
-        };
-        for (int l = 0; l < c.Layers; l++)
-        {
-            var layer = model.Layers[l];
-            string p = $"model.layers.{l}.";
+            var layer = model.Layers[i];
+            string p = $"model.layers.{model.LayerNumbers[i]}.";
             var place = layer.Moe.Dispatcher.Placement;
             long slice = c.IntermediateSize / place.TensorSize, at = place.TensorRank * slice;
             // Expert tensor parallel: rows [at, at + slice) of w1 and w3 [I, H], the same columns of w2 [H, I].
@@ -84,7 +83,7 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "self_attn.q_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, 0, r), Rows(r), [(long)g * r * d, h]));
             list.Add(new(p + "self_attn.v_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r + 1, 1), Rows(1), [(long)g * d, h]));
         }
-        list.Add(new("model.norm.weight", model.FinalNorm, t => t));
+        if (model.Stage.HoldsHead) list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;
     }
 
@@ -181,7 +180,10 @@ public static class MixtralStateDictAdapter
             }
             // Other ranks' experts (expert parallel) are the model's tensors too, only not this rank's.
             var whole = HubShapes(model.Config).Select(e => e.Key).ToHashSet(StringComparer.Ordinal);
-            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
+            // Other pipeline stages' layers are checked by the stages that hold them.
+            var mine = model.LayerNumbers.Select(l => $"model.layers.{l}.").ToArray();
+            bool OtherStages(string k) => model.Stage.Stages > 1 && k.StartsWith("model.layers.", StringComparison.Ordinal) && !mine.Any(p => k.StartsWith(p, StringComparison.Ordinal));
+            var unexpected = byKey.Keys.Where(k => !used.Contains(k) && !whole.Contains(k) && !OtherStages(k) && !k.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal)).OrderBy(k => k, StringComparer.Ordinal).ToArray();
             if (unexpected.FirstOrDefault(k => k.EndsWith(ExpertBiasSuffix, StringComparison.Ordinal)) is string bias)
                 throw new UserError($"{directory}: the checkpoint holds an aux-loss-free expert bias ('{bias}' in {System.IO.Path.GetFileName(byKey[bias].Path)}) that this model would ignore; " +
                     "load it with Router.EnableExpertBias = true and ScoreFunction = Sigmoid, as it was trained.");
@@ -200,7 +202,7 @@ public static class MixtralStateDictAdapter
         var parts = h.Key.Split('.');
         if (parts.Length < 5 || parts[0] != "model" || parts[1] != "layers" || parts[3] != "block_sparse_moe") return false;
         string layerPrefix = $"model.layers.{parts[2]}.mlp.";
-        var layer = model.Layers[int.Parse(parts[2], System.Globalization.CultureInfo.InvariantCulture)];
+        var layer = model.Layers[model.LayerNumbers.ToList().IndexOf(int.Parse(parts[2], System.Globalization.CultureInfo.InvariantCulture))];
         if (parts[4] == "gate" && byKey.TryGetValue(layerPrefix + "gate.weight", out var g))
         {
             CopyInto(layer.Moe.Gate, g, layerPrefix + "gate.weight");
@@ -236,7 +238,7 @@ public static class MixtralStateDictAdapter
     /// trained model keeps the routing it learned. Not in <see cref="HubTensors"/>: it has no gradient.
     /// </summary>
     public static IEnumerable<(string Key, DecoderLayer Layer)> ExpertBiasKeys(MixtralModel model) =>
-        model.Layers.Select((layer, l) => ($"model.layers.{l}.{ExpertBiasSuffix}", layer)).Where(x => x.layer.Moe.ExpertBias is not null);
+        model.Layers.Select((layer, i) => ($"model.layers.{model.LayerNumbers[i]}.{ExpertBiasSuffix}", layer)).Where(x => x.layer.Moe.ExpertBias is not null);
 
     /// <summary>
     /// Copies this rank's block (<paramref name="block"/>, null for the whole tensor) of tensor <paramref name="key"/>
@@ -315,6 +317,8 @@ public static class MixtralStateDictAdapter
     /// <param name="maxShardBytes">Largest shard (transformers' default max_shard_size is 5 GB; a tensor larger than it gets a shard of its own).</param>
     public static void Save(MixtralModel model, string directory, long maxShardBytes = 5_000_000_000)
     {
+        if (model.Stage.Stages > 1)
+            throw new UserError($"This rank holds pipeline stage {model.Stage.Stage} of {model.Stage.Stages} (some layers only): a Hugging Face folder needs them all; save a distributed checkpoint instead.");
         if (model.Layers.Any(l => l.Moe.Dispatcher.Placement.LocalExperts != model.Config.Experts || l.Moe.Dispatcher.Placement.TensorSize != 1))
             throw new UserError("This rank holds only some experts (expert parallel): a Hugging Face folder needs them all; save a distributed checkpoint instead.");
         var named = Named(model).Concat(ExpertBiasKeys(model).Select(b => new KeyValuePair<string, Tensor>(b.Key, b.Layer.Moe.ExpertBias!.BiasE)));

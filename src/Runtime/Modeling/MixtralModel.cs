@@ -76,7 +76,7 @@ public sealed record ForwardOutput(Tensor? LogitsBSV, Tensor? LmLoss, Tensor Aux
 /// </summary>
 public sealed class MixtralModel : nn.Module
 {
-    private readonly Parameter embed_tokens, norm, lm_head;
+    private readonly Parameter? embed_tokens, norm, lm_head;
     private readonly ModuleList<DecoderLayer> layers;
     private readonly TensorParallel tp;
 
@@ -85,21 +85,40 @@ public sealed class MixtralModel : nn.Module
     /// <param name="dtype">Parameter dtype.</param>
     /// <param name="device">Parameter device.</param>
     /// <param name="plan">This rank's cut of the model (its experts and their dispatcher); null for the whole model on one device.</param>
-    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device, ParallelPlan? plan = null) : base("model")
+    /// <param name="stage">
+    /// The pipeline stage this rank builds (its layers, and the embedding on the first stage, the final norm and LM
+    /// head on the last); null for every layer. Parameter names keep the model's layer numbers.
+    /// </param>
+    public MixtralModel(MixtralConfig config, MoeOptions options, ScalarType dtype, Device device, ParallelPlan? plan = null, PipelineStage? stage = null) : base("model")
     {
         if (config.TieWordEmbeddings)
             throw new UserError("tie_word_embeddings = true is not supported; Mixtral's configs untie the LM head.");
         Config = config;
         Dtype = dtype;
         Plan = plan;
+        Stage = stage ?? PipelineStage.Whole(config.Layers);
+        LayerNumbers = Stage.Layers.ToArray();
         tp = TensorParallel.For(plan, config);
         long vocab = tp.VocabRange(config.VocabSize).Count;   // vocab-parallel embedding and column-parallel LM head: V / TP rows
-        embed_tokens = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
-        layers = new ModuleList<DecoderLayer>(Enumerable.Range(0, config.Layers).Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher(), tp)).ToArray());
-        norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
-        lm_head = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
+        if (Stage.HoldsEmbedding) embed_tokens = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
+        layers = new ModuleList<DecoderLayer>(LayerNumbers.Select(_ => new DecoderLayer(config, options, dtype, device, plan?.NewDispatcher(), tp)).ToArray());
+        if (Stage.HoldsHead)
+        {
+            norm = new Parameter(torch.ones(config.HiddenSize, dtype: dtype, device: device));
+            lm_head = new Parameter(torch.empty(vocab, config.HiddenSize, dtype: dtype, device: device));
+        }
+        Device = device;
         RegisterComponents();
     }
+
+    /// <summary>The pipeline stage this model is (the whole model: one stage of every layer).</summary>
+    public PipelineStage Stage { get; }
+
+    /// <summary>The model's number of each layer this rank holds, in <see cref="Layers"/> order.</summary>
+    public IReadOnlyList<int> LayerNumbers { get; }
+
+    /// <summary>The parameters' device.</summary>
+    public Device Device { get; }
 
     public MixtralConfig Config { get; }
 
@@ -134,11 +153,11 @@ public sealed class MixtralModel : nn.Module
         ModelParameter Whole(string name, Parameter p) => new(name, p, false, TensorShard.Whole(p.shape));
         ModelParameter Split(string name, Parameter p, Func<TensorShard> shard) => tp.Size == 1 ? Whole(name, p) : new(name, p, false, shard());
         long vocab = Config.VocabSize, hidden = Config.HiddenSize;
-        yield return Split("model.embed_tokens", embed_tokens, () => tp.VocabShard(vocab, hidden));
-        for (int l = 0; l < layers.Count; l++)
+        if (embed_tokens is not null) yield return Split("model.embed_tokens", embed_tokens, () => tp.VocabShard(vocab, hidden));
+        for (int i = 0; i < layers.Count; i++)
         {
-            var layer = layers[l];
-            string prefix = $"model.layers.{l}.";
+            var layer = layers[i];
+            string prefix = $"model.layers.{LayerNumbers[i]}.";
             yield return Whole(prefix + "input_layernorm", layer.InputNorm);
             yield return Split(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv, () => tp.QkvShard(layer.SelfAttention, Config.KeyValueHeads, hidden));
             yield return Split(prefix + "self_attn.o_proj", layer.SelfAttention.O, () => tp.OutputShard(layer.SelfAttention, Config.Heads, hidden));
@@ -152,13 +171,13 @@ public sealed class MixtralModel : nn.Module
             yield return new(prefix + "mlp.experts.down", layer.Moe.ExpertWeights.Down, true,
                 new TensorShard([e, h, ffn], [local, h, slice], [first, 0, at]));
         }
-        yield return Whole("model.norm", norm);
-        yield return Split("lm_head", lm_head, () => tp.VocabShard(vocab, hidden));
+        if (norm is not null) yield return Whole("model.norm", norm);
+        if (lm_head is not null) yield return Split("lm_head", lm_head, () => tp.VocabShard(vocab, hidden));
     }
 
-    public Parameter Embedding => embed_tokens;
-    public Parameter FinalNorm => norm;
-    public Parameter LmHead => lm_head;
+    public Parameter Embedding => embed_tokens ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no embedding (the first stage does).");
+    public Parameter FinalNorm => norm ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no final norm (the last stage does).");
+    public Parameter LmHead => lm_head ?? throw new InvalidOperationException($"Pipeline stage {Stage.Stage} holds no LM head (the last stage does).");
     public IReadOnlyList<DecoderLayer> Layers => layers.ToList();
 
     /// <summary>
@@ -201,8 +220,40 @@ public sealed class MixtralModel : nn.Module
     public ForwardOutput Forward(Tensor inputIdsBS, Tensor? labelsBS = null, Tensor? lossMaskBS = null,
         Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, bool returnLogits = true, Tensor? attentionMaskBS = null)
     {
+        if (Stage.Stages > 1)
+            throw new InvalidOperationException($"Forward runs the whole model; pipeline stage {Stage.Stage} of {Stage.Stages} runs through PipelineRunner.");
         long b = inputIdsBS.shape[0], s = inputIdsBS.shape[1];
-        var device = embed_tokens.device;
+        var device = Device;
+        var (rope, mask) = AttentionInputs(b, s, positionIdsBS, documentIdsBS, attentionMaskBS);
+        var xBSH = Embed(inputIdsBS);
+        var moeOutputs = new List<MoeLayerOutput>(layers.Count);
+        foreach (var layer in layers)
+        {
+            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
+            moeOutputs.Add(moe);
+        }
+        var (logitsBSV, lmLoss) = Head(xBSH, labelsBS, lossMaskBS, returnLogits);
+        HostTrace.Mark("lm head + loss");
+        var options = layers[0].Moe.Options;
+        Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
+            ? torch.zeros(1, device: device).squeeze()
+            : options.AuxLossConvention == AuxLossConvention.Transformers
+                ? AuxLosses.Transformers(tp.Size > 1 ? throw new NotSupportedException("transformers' aux loss over all layers is not computed under tensor parallel; training uses Megatron's (per layer, counts summed over TP).") : moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
+                : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
+        HostTrace.Mark("aux loss");
+        // Each rank's mean over its own tokens; the loss divides the coefficient by the TP×CP size as Megatron does
+        // (MicroBatch.Loss), so the ranks' terms add up to the mean over all tokens.
+        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
+        return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
+    }
+
+    /// <summary>
+    /// RoPE tables and the attention mask every layer uses (see <see cref="Forward"/> for the arguments): the
+    /// first piece of the forward, which every pipeline stage computes for itself.
+    /// </summary>
+    public ((Tensor, Tensor) Rope, Tensor? Mask) AttentionInputs(long b, long s, Tensor? positionIdsBS = null, Tensor? documentIdsBS = null, Tensor? attentionMaskBS = null)
+    {
+        var device = Device;
         var cp = Context is { Size: > 1 } context ? context : null;
         positionIdsBS ??= (cp is null ? torch.arange(s, device: device) : torch.tensor(cp.LocalIndices(checked((int)s * cp.Size)), device: device)).unsqueeze(0).expand(b, s);
         var rope = Rotary.Tables(positionIdsBS, Config.HeadDim, Config.RopeTheta, Dtype);
@@ -226,22 +277,30 @@ public sealed class MixtralModel : nn.Module
             var selfSS = torch.eye(s, dtype: ScalarType.Bool, device: device);
             mask = ((mask ?? torch.ones(s, s, dtype: ScalarType.Bool, device: device).tril().view(1, 1, s, s)) & keysB11S) | selfSS;
         }
+        return (rope, mask);
+    }
 
+    /// <summary>The token embedding [B, S, H] of <paramref name="inputIdsBS"/> (the first stage's piece).</summary>
+    public Tensor Embed(Tensor inputIdsBS)
+    {
         // Under sequence parallel the residual stream holds this rank's S/TP positions from here to the final norm.
-        var xBSH = tp.Embed(embed_tokens, inputIdsBS);
+        var xBSH = tp.Embed(Embedding, inputIdsBS);
         HostTrace.Mark("embedding");
-        var moeOutputs = new List<MoeLayerOutput>(layers.Count);
-        foreach (var layer in layers)
-        {
-            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
-            moeOutputs.Add(moe);
-        }
+        return xBSH;
+    }
+
+    /// <summary>
+    /// Final norm, LM head and the mean cross-entropy over the counted positions (the last stage's piece; see
+    /// <see cref="Forward"/>). Logits only when <paramref name="returnLogits"/>; the loss only with labels.
+    /// </summary>
+    public (Tensor? LogitsBSV, Tensor? LmLoss) Head(Tensor xBSH, Tensor? labelsBS, Tensor? lossMaskBS, bool returnLogits)
+    {
         Tensor? logitsBSV, lmLoss = null;
         using (var head = torch.NewDisposeScope())
         {
             // Its own scope, like the layers': without logits asked for, the bf16 logits and their fp32 copy are
             // released here (cross-entropy keeps only its log-probabilities for the backward).
-            logitsBSV = nn.functional.linear(tp.GatherSequence(Kernels.RmsNorm(xBSH, norm, Config.RmsNormEps)), lm_head);   // [B, S, V/TP]
+            logitsBSV = nn.functional.linear(tp.GatherSequence(Kernels.RmsNorm(xBSH, FinalNorm, Config.RmsNormEps)), LmHead);   // [B, S, V/TP]
             HostTrace.Mark("lm head");
             if (labelsBS is not null)
             {
@@ -250,25 +309,15 @@ public sealed class MixtralModel : nn.Module
                 // blocked the host until the GPU had caught up: 11 ms a step, bench MOE_HOST_TRACE=1.)
                 var targets = lossMaskBS is null ? labelsBS.flatten() : labelsBS.flatten().masked_fill(lossMaskBS.flatten().le(0), IgnoreIndex);
                 HostTrace.Mark("targets");
-                var logitsF = logitsBSV.view(b * s, logitsBSV.shape[2]).to(ScalarType.Float32);
+                // [B·S, V/TP]: under sequence parallel xBSH held S/TP positions, the gathered logits hold all S.
+                var logitsF = logitsBSV.view(logitsBSV.shape[0] * logitsBSV.shape[1], logitsBSV.shape[2]).to(ScalarType.Float32);
                 HostTrace.Mark("fp32 logits");
                 lmLoss = head.MoveToOuter(tp.CrossEntropy(logitsF, targets, IgnoreIndex));
                 HostTrace.Mark("cross-entropy");
             }
             logitsBSV = returnLogits ? head.MoveToOuter(tp.GatherVocabulary(logitsBSV)) : null;
         }
-        HostTrace.Mark("lm head + loss");
-        var options = layers[0].Moe.Options;
-        Tensor aux = options.LoadBalancing == Dsl.LoadBalancing.None
-            ? torch.zeros(1, device: device).squeeze()
-            : options.AuxLossConvention == AuxLossConvention.Transformers
-                ? AuxLosses.Transformers(tp.Size > 1 ? throw new NotSupportedException("transformers' aux loss over all layers is not computed under tensor parallel; training uses Megatron's (per layer, counts summed over TP).") : moeOutputs.Select(m => m.Routing.LogitsTE).ToArray(), Config.Experts, options.TopK, attentionMaskBS?.flatten())
-                : moeOutputs.Select((m, l) => layers[l].Moe.MegatronAuxLoss(m, (int)b)).Aggregate((x, y) => x + y);
-        HostTrace.Mark("aux loss");
-        // Each rank's mean over its own tokens; the loss divides the coefficient by the TP×CP size as Megatron does
-        // (MicroBatch.Loss), so the ranks' terms add up to the mean over all tokens.
-        Tensor? z = options.ZLoss ? moeOutputs.Select(m => AuxLosses.ZLoss(m.Routing.LogitsTE)).Aggregate((x, y) => x + y) : null;
-        return new ForwardOutput(logitsBSV, lmLoss, aux, z, moeOutputs);
+        return (logitsBSV, lmLoss);
     }
 
     /// <summary>

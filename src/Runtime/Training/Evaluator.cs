@@ -37,7 +37,8 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
         try
         {
             using var noGrad = torch.no_grad();
-            for (int first = dp.Rank * b; first < samples; first += b * dp.Size)
+            if (model.Stage.Stages > 1) (weighted, tokens) = PipelineSums(samples, b, seq);
+            else for (int first = dp.Rank * b; first < samples; first += b * dp.Size)
             {
                 using var scope = torch.NewDisposeScope();
                 int n = Math.Min(b, samples - first);
@@ -65,6 +66,35 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
         if (tokens == 0)
             throw new UserError($"The {samples} validation samples have no token the loss counts (every position is masked); check Data.EodMaskLoss and the SFT loss masks, or set Training.EvalInterval = null.");
         return weighted / tokens;
+    }
+
+    /// <summary>
+    /// With pipeline stages: the forward-only schedule over this data-parallel rank's micro-batches; the last stage's
+    /// sums (loss × counted tokens, counted tokens) summed over the pipeline so every stage returns them.
+    /// </summary>
+    private (double Weighted, double Tokens) PipelineSums(int samples, int b, int seq)
+    {
+        var device = rank.Device;
+        var dp = rank.Groups.Dp;
+        int stride = b * dp.Size, microBatches = samples / stride;
+        if (samples % stride != 0)
+            throw new UserError($"Evaluation with pipeline stages needs whole micro-batches: EvalIters × GlobalBatchSize ({samples}) is not a multiple of MicroBatchSize × data parallel ({stride}).");
+        using var scope = torch.NewDisposeScope();
+        MicroBatchInputs Read(int m)
+        {
+            int first = dp.Rank * b + m * stride;
+            var batch = Enumerable.Range(first, b).Select(i => validation.Sample(i)).ToArray();
+            Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
+            var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
+            return new MicroBatchInputs(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
+                settings.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null);
+        }
+        var sums = torch.zeros(6 + 2 * model.Config.Layers * model.Config.Experts, dtype: ScalarType.Float64, device: device);
+        new PipelineRunner(model, rank.Groups.Pp, 0, 0).Step(Read, microBatches, sums, forwardOnly: true);
+        var reduced = sums.narrow(0, 0, 2).to(rank.Groups.Pp.DeviceForScalars);
+        rank.Groups.Pp.AllReduce(reduced);
+        var v = reduced.cpu().data<double>().ToArray();
+        return (v[0], v[1]);
     }
 }
 

@@ -107,7 +107,6 @@ public sealed class Trainer : IDisposable
         if (settings.Training.Precision == Precision.Bf16 && dtype == ScalarType.Float32 && rank.Reports)
             log.WriteLine("note: bf16 on the CPU is emulated and slow; training in fp32.");
         var options = MoeOptions.From(settings);
-        RefuseUnimplemented(settings.Parallelism);
         ContextParallel.CheckSequence(settings.Data.SequenceLength, rank.Groups.Cp.Size);   // MOE0206 again: overrides may follow validation
         var plan = ParallelPlan.For(rank.Groups, settings.Model.Experts, settings.Dispatcher, settings.Parallelism.SequenceParallel);
 
@@ -115,7 +114,12 @@ public sealed class Trainer : IDisposable
         // 3. Initialise (seeded, the same on every rank) or load: a Hugging Face folder gives the weights only; a Moe
         //    checkpoint is restored whole once the optimizer exists (5. below).
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
-        _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
+        var stage = PipelineStage.Of(settings.Parallelism with { Pipeline = rank.Groups.Layout.Pipeline }, settings.Model.Layers, rank.Groups.Coordinates.Pp);
+        _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan, stage);
+        if (stage.Stages > 1 && rank.Groups.Cp.Size > 1)
+            throw new UserError($"Pipeline ({stage.Stages}) × Context ({rank.Groups.Cp.Size}) parallel does not run yet: the pipeline schedule does not cut its " +
+                "micro-batches into context-parallel chunks. Set Parallelism.Context = 1 (or --cp 1) with pipeline stages, or Pipeline = 1 with context parallel.");
+        if (stage.Stages > 1) PipelineSchedules.For(stage.Stages, stage.Stage, MicroBatches, stage.ChunkCount);   // a schedule the micro-batches cannot fill fails now
         _context = ContextParallel.Apply(_model, rank.Groups);
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
@@ -198,15 +202,6 @@ public sealed class Trainer : IDisposable
     public IReadOnlyList<ModelParameter> Parameters { get; }
 
     /// <summary>Layouts whose parallelism this runtime does not implement yet are refused, never run wrong.</summary>
-    private static void RefuseUnimplemented(Parallelism p)
-    {
-        var missing = new List<string>();
-        if (p.Pipeline > 1) missing.Add($"Pipeline = {p.Pipeline}");
-        if (missing.Count > 0)
-            throw new UserError($"This runtime does not run pipeline parallelism yet ({string.Join(", ", missing)}); " +
-                "data, tensor (with sequence parallel), context and expert parallelism (Parallelism.Tensor, Context, Expert, ExpertTensor) run. Plan the layout with `moe plan`, or set those sizes to 1.");
-    }
-
     /// <summary>The gradient buffers (dense, then expert): after a step's reduction they hold the reduced gradients.</summary>
     public IReadOnlyList<GradientBuffer> Buffers => _buffers;
 
@@ -291,7 +286,11 @@ public sealed class Trainer : IDisposable
             // Device-side sums over the step's micro-batches, read back once: [lm sum, counted tokens, aux, z, routed,
             // kept, kept per expert (L·E), routed per expert (L·E)].
             var sums = torch.zeros(6 + 2 * layers * experts, dtype: ScalarType.Float64, device: device);
-            for (int micro = 0; micro < microBatches; micro++)
+            if (_model.Stage.Stages > 1)
+                // Megatron divides the z-loss coefficient by the tp_cp size (each rank's z is its own positions' mean).
+                new PipelineRunner(_model, groups.Pp, auxCoeff, zCoeff / groups.TpCp.Size).Step(micro => PipelineInputs(data, step, micro), microBatches, sums,
+                    afterBackward: () => { foreach (var buffer in _buffers) buffer.AccumulateMicroBatch(); });
+            else for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
                 using var microScope = torch.NewDisposeScope();
@@ -320,11 +319,13 @@ public sealed class Trainer : IDisposable
             SumReplicatedGradientsOverTensorParallel();
             foreach (var buffer in _buffers) buffer.Reduce(_optimizer.Sharded);
 
-            // One reduction and one read-back of the step's numbers over data × context parallel, then the partial ones
+            // One reduction and one read-back of the step's numbers: over the pipeline stages first (each holds its
+            // layers' numbers, the last stage the LM loss), then over data × context parallel, then the partial ones
             // (aux, z, counts) over tensor parallel: lm sums, counted tokens and expert counts add up; the tensor- and
             // context-parallel ranks' aux losses are shares of their sequences' (they add up too), their z-losses
             // means over equal numbers of tokens (averaged over dp × tp × cp).
             var reduced = sums.to(groups.DpCp.DeviceForScalars);
+            groups.Pp.AllReduce(reduced);
             groups.DpCp.AllReduce(reduced);
             SumPartialMetricsOverTensorParallel(reduced);
             var v = reduced.cpu().data<double>().ToArray();
@@ -372,6 +373,19 @@ public sealed class Trainer : IDisposable
         var result = new TrainResult(history, history.Count > 0 ? history[^1].StopReason : null);
         observer.RunEnded(result);
         return result;
+    }
+
+    /// <summary>Micro-batch <paramref name="micro"/> of <paramref name="step"/> on this rank, as the one-device loop reads it.</summary>
+    private MicroBatchInputs PipelineInputs(ISampleSource data, int step, int micro)
+    {
+        int b = _s.Training.MicroBatchSize, seq = _s.Data.SequenceLength;
+        var device = _rank.Device;
+        long first = FirstSample(step, micro);
+        var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
+        Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
+        var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
+        return new MicroBatchInputs(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
+            _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null);
     }
 
     /// <summary>

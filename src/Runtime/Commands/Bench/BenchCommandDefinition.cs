@@ -26,6 +26,7 @@ public sealed class BenchCommandDefinition
         MicroBatches = new Option<int>("--micro-batches") { Description = "Micro-batches per step: gradients accumulate, then are reduced once.", DefaultValueFactory = _ => 1 };
         Dispatcher = new Option<string>("--dispatcher") { Description = "Token dispatcher under expert parallelism: alltoall or allgather.", DefaultValueFactory = _ => "alltoall" };
         Dispatcher.AcceptOnlyFromAmong("alltoall", "allgather");
+        Pipeline = new Option<int>("--pp") { Description = "Pipeline-parallel size (divides --gpus and --layers; Megatron's 1F1B over --micro-batches).", DefaultValueFactory = _ => 1 };
         Tensor = new Option<int>("--tp") { Description = "Tensor-parallel size with sequence parallel (divides --gpus, the heads and --seq); experts split with ETP = TP.", DefaultValueFactory = _ => 1 };
         MainGrads = new Option<bool>("--main-grads")
         {
@@ -33,7 +34,7 @@ public sealed class BenchCommandDefinition
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor }) Command.Options.Add(o);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline }) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -50,4 +51,5 @@ public sealed class BenchCommandDefinition
     public Option<string> Dispatcher { get; }
     public Option<bool> MainGrads { get; }
     public Option<int> Tensor { get; }
+    public Option<int> Pipeline { get; }
 }
