@@ -79,7 +79,8 @@ public sealed class PipelineRunner
         var schedules = Enumerable.Range(0, pp).Select(s => PipelineSchedules.For(pp, s, microBatches, chunks, forwardOnly)).ToArray();
         var mine = schedules[_stage.Stage];
         var first = input(0);
-        var channel = new Channel(_pp, _stage, schedules, [first.TokensBS.shape[0], first.TokensBS.shape[1], _model.Config.HiddenSize]);
+        // Under sequence parallel the residual stream between stages holds this tensor rank's S / TP positions.
+        var channel = new Channel(_pp, _stage, schedules, [first.TokensBS.shape[0], first.TokensBS.shape[1] / _model.TensorParallel.Size, _model.Config.HiddenSize]);
         var live = new Dictionary<(int MicroBatch, int Chunk), Live>();
         try
         {
@@ -218,7 +219,7 @@ public sealed class PipelineRunner
         /// <param name="pp">The pipeline group.</param>
         /// <param name="stage">This stage.</param>
         /// <param name="schedules">Every stage's schedule (stage order).</param>
-        /// <param name="shape">[B, S, H]: every activation and gradient the stages exchange.</param>
+        /// <param name="shape">[B, S / TP, H]: every activation and gradient the stages exchange.</param>
         public Channel(Communicator pp, PipelineStage stage, IReadOnlyList<PipelineAction>[] schedules, long[] shape)
         {
             _pp = pp;
