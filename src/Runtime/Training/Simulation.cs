@@ -50,6 +50,12 @@ public sealed record SimulationPlan(RecipeSettings Settings, IReadOnlyList<strin
                 $"heads {m.AttentionHeads}/{m.KeyValueHeads} → {heads}/{kv} (grouped-query ratio {ratio} kept), head dim {m.EffectiveHeadDim} → {headDim}, " +
                 $"expert FFN {m.IntermediateSize} → {ffn}, layers {m.Layers} → {layers}; experts {m.Experts}, top-{s.TopK} and vocabulary {m.VocabSize} kept"));
             s = s with { Model = shrunk };
+            if (s.Checkpoint.Load is string load)
+            {
+                // The recipe's weights are the full model's; the shrunk one starts from the seed instead.
+                notes.Add($"checkpoint: {load} not loaded (its weights are the full model's), the shrunk model is initialised from seed {s.Training.Seed}");
+                s = s with { Checkpoint = s.Checkpoint with { Load = null } };
+            }
         }
         int sequence = s.Data.SequenceLength;
         if (sequence > MaxSequence)
