@@ -63,6 +63,14 @@ public sealed class Attention : nn.Module
     /// <summary>Head dimension (d).</summary>
     public int HeadDim => headDim;
 
+    /// <summary>Selective recompute of the core attention (Megatron <c>core_attn</c>): keep q, k, v and rerun it in the backward.</summary>
+    public bool RecomputeCore { get; set; }
+
+    /// <summary>softmax(QKᵀ/√d)·V, causal or under the boolean mask.</summary>
+    private static Tensor Core(Tensor qBNSd, Tensor kBNSd, Tensor vBNSd, Tensor? maskB1SS) => maskB1SS is null
+        ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
+        : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);
+
     /// <summary>The fused weight as [g, r + 2, d, H] (a view): [:, :r] the query heads, [:, r] the keys, [:, r + 1] the values.</summary>
     public Tensor GroupedView(Tensor qkvWeight) => qkvWeight.view(groups, perGroup + 2, headDim, qkvWeight.shape[^1]);
 
@@ -86,9 +94,9 @@ public sealed class Attention : nn.Module
             qBNSd = Rotary.Apply(qBNSd, rope);
             kBNSd = Rotary.Apply(kBNSd, rope);
         }
-        var outBNSd = maskB1SS is null
-            ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
-            : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);
+        var outBNSd = RecomputeCore
+            ? ActivationRecompute.CoreAttention(Core, qBNSd, kBNSd, vBNSd, maskB1SS)
+            : Core(qBNSd, kBNSd, vBNSd, maskB1SS);
         return nn.functional.linear(outBNSd.transpose(1, 2).reshape(b, s, (long)groups * perGroup * headDim), o_proj);
     }
 }

@@ -31,6 +31,9 @@ public sealed class DecoderLayer : nn.Module
     public Attention SelfAttention => self_attn;
     public MoeLayer Moe => mlp;
 
+    /// <summary>Selective recompute of the MoE layer (Megatron <c>moe</c>): keep its input and rerun it, all-to-all included, in the backward.</summary>
+    public bool RecomputeMoe { get; set; }
+
     /// <remarks>
     /// Runs in its own dispose scope: the intermediate tensors' handles are released when the layer returns, so
     /// autograd alone decides what stays for the backward, as in PyTorch (handles kept until the end of the step
@@ -42,7 +45,8 @@ public sealed class DecoderLayer : nn.Module
         xBSH = xBSH + self_attn.Forward(Kernels.RmsNorm(xBSH, input_layernorm, eps), rope, mask);
         HostTrace.Mark("attention");
         long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
-        var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h), (int)b);
+        var normedTH = Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h);
+        var moe = RecomputeMoe ? ActivationRecompute.MoeLayer(mlp, normedTH, (int)b) : mlp.Forward(normedTH, (int)b);
         var outBSH = xBSH + moe.HiddenTH.view(b, s, h);
         scope.MoveToOuter(moe.Tensors().Append(outBSH));
         return (outBSH, moe);
@@ -98,6 +102,26 @@ public sealed class MixtralModel : nn.Module
     public int TensorRank => Plan?.Groups.Tp.Rank ?? 0;
 
     public ScalarType Dtype { get; }
+
+    private RecomputePlan recomputation = RecomputePlan.None;
+
+    /// <summary>
+    /// Activation recompute (Megatron's <c>--recompute-*</c>): full chunks of layers, or the core attention and the MoE
+    /// layer of every layer. Default none. See <see cref="ActivationRecompute"/>.
+    /// </summary>
+    public RecomputePlan Recomputation
+    {
+        get => recomputation;
+        set
+        {
+            recomputation = value;
+            foreach (var layer in layers)
+            {
+                layer.SelfAttention.RecomputeCore = value.CoreAttention;
+                layer.RecomputeMoe = value.MoeLayer;
+            }
+        }
+    }
 
     /// <summary>
     /// Every parameter of this rank in the order the forward first uses it, with its layout-independent name and
@@ -199,10 +223,19 @@ public sealed class MixtralModel : nn.Module
         var xBSH = embed_tokens.index_select(0, inputIdsBS.flatten()).view(b, s, Config.HiddenSize);
         HostTrace.Mark("embedding");
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
-        foreach (var layer in layers)
+        for (int l = 0; l < layers.Count;)
         {
-            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
+            if (recomputation.ChunkAt(l) is (int start, int end))
+            {
+                // Full recompute: the chunk keeps only its input hidden states.
+                (xBSH, var chunk) = ActivationRecompute.Layers(Layers, start, end, xBSH, rope, mask);
+                moeOutputs.AddRange(chunk);
+                l = end;
+                continue;
+            }
+            (xBSH, var moe) = layers[l].Forward(xBSH, rope, mask);
             moeOutputs.Add(moe);
+            l++;
         }
         Tensor? logitsBSV, lmLoss = null;
         using (var head = torch.NewDisposeScope())

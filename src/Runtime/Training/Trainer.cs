@@ -109,6 +109,7 @@ public sealed class Trainer : IDisposable
         //    checkpoint is restored whole once the optimizer exists (5. below).
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
         _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan);
+        _model.Recomputation = RecomputePlan.For(settings.Recompute, settings.Model.Layers);
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();

@@ -204,5 +204,36 @@ public static class RuleCases
         yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.KeepLast",
             ["Checkpoint KeepLast (0) must be at least 1 (null keeps every checkpoint)"],
             Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 0 } }, Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 1 } });
+        // Recompute (R122, R123): 8x7B has 32 layers; with Pipeline 2 a stage holds 16.
+        yield return new(DiagnosticIds.RecomputeFullIncomplete, "Recompute.Method",
+            ["Granularity = Full needs a Method", "--recompute-method uniform|block"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, NumLayers = 1 } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 1 } });
+        yield return new(DiagnosticIds.RecomputeFullIncomplete, "Recompute.NumLayers",
+            ["NumLayers (17) must be between 1 and the 16 layers of a pipeline stage (32 layers / Pipeline 2)"],
+            P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 17 } },
+            P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 16 } });
+        yield return new(DiagnosticIds.RecomputeMethodWithoutFull, "Recompute.NumLayers",
+            ["NumLayers choose the layers of full recompute, but Granularity = Selective"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, NumLayers = 2 } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective } });
+        yield return new(DiagnosticIds.RecomputeMethodWithoutFull, "Recompute.Method",
+            ["Method choose the layers of full recompute, but Granularity = None means no recompute"],
+            Base with { Recompute = new Recompute { Method = RecomputeMethod.Block } }, Base);
+        yield return new(DiagnosticIds.RecomputeModuleUnsupported, "Recompute.Modules",
+            ["Modules cannot include Layernorm", "Valid: CoreAttn, MoeAct, Moe"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Layernorm } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Moe } });
+        yield return new(DiagnosticIds.RecomputeModuleUnsupported, "Recompute.Modules",
+            ["Modules cannot include Mlp (Mixtral has no dense MLP"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Mlp } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.MoeAct } });
+        // Routing skew: 8 experts, top-2 → at most 8 / 2 = 4.
+        yield return new(DiagnosticIds.RoutingSkewOutOfRange, "Capacity.RoutingSkew",
+            ["RoutingSkew (4.5) must be between 1", "E/k = 8/2 = 4"],
+            C(c => c with { RoutingSkew = 4.5 }), C(c => c with { RoutingSkew = 4 }));
+        yield return new(DiagnosticIds.RoutingSkewOutOfRange, "Capacity.RoutingSkew",
+            ["RoutingSkew (0.5) must be between 1"],
+            C(c => c with { RoutingSkew = 0.5 }), C(c => c with { RoutingSkew = 1 }));
     }
 }
