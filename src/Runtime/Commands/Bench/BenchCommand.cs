@@ -39,8 +39,9 @@ public static class BenchCommand
     /// reduced as training reduces them). False, one rank only: they stay in the parameters' own (bf16) .grad, as in
     /// the transformers baseline's protocol.
     /// </param>
+    /// <param name="Recompute">Activation recompute (Megatron's --recompute-* flags); null: none.</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true);
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, Dsl.Recompute? Recompute = null);
 
     public const double PeakTflops = 790;
 
@@ -53,6 +54,7 @@ public static class BenchCommand
         if (!r.MainGrads && r.Gpus > 1)
             throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
+        RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);   // refuses an invalid combination before any work
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
         var layout = new RankLayout(r.Gpus, 1, 1, 1, r.Expert, 1, RankOrder.TpCpEpDpPp);
@@ -107,6 +109,7 @@ public static class BenchCommand
         using var model = new MixtralModel(config, new MoeOptions { TopK = config.TopK }, dtype, device, plan);
         model.InitializeWeights(0);
         model.train();
+        model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);
         var buffers = r.MainGrads ? Trainer.BuffersFor(model, model.ParametersInForwardOrder().ToList(), rank.Groups) : [];
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
         using var ids = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
@@ -198,6 +201,7 @@ public static class BenchCommand
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["main_grads"] = r.MainGrads,
+            ["recompute"] = RecomputeOptions.Describe(r.Recompute ?? Dsl.Recompute.Off),
             ["step_s"] = result.StepSeconds,
             ["tokens_per_s_per_gpu"] = tokensPerSecond,
             ["tflops_per_gpu"] = flops / 1e12,

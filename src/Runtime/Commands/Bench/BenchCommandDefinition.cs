@@ -31,7 +31,8 @@ public sealed class BenchCommandDefinition
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads }) Command.Options.Add(o);
+        Recompute = new RecomputeOptions(Dsl.Recompute.Off);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Expert, MicroBatches, Dispatcher, MainGrads }.Concat(Recompute.All)) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -46,4 +47,7 @@ public sealed class BenchCommandDefinition
     public Option<int> MicroBatches { get; }
     public Option<string> Dispatcher { get; }
     public Option<bool> MainGrads { get; }
+
+    /// <summary>Megatron's <c>--recompute-granularity/-method/-num-layers/-modules</c>, to measure what recompute costs and saves.</summary>
+    public RecomputeOptions Recompute { get; }
 }
