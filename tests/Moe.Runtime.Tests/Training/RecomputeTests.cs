@@ -131,6 +131,30 @@ public class RecomputeTests
     }
 
     [Fact]
+    public void BenchFlags_ParseAsMegatronsAndRunOnCpu()
+    {
+        var d = new Moe.Runtime.Commands.Bench.BenchCommandDefinition();
+        var parse = d.Command.Parse(["--model", "tiny", "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"]);
+        Assert.Empty(parse.Errors);
+        var r = d.Recompute.Parse(parse);
+        Assert.Equal(new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 1 }, r);
+        var selective = d.Recompute.Parse(d.Command.Parse(["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "moe"]));
+        Assert.Equal(RecomputeModules.CoreAttn | RecomputeModules.Moe, selective.Modules);
+        Assert.Equal(RecomputeModules.MoeAct | RecomputeModules.Moe, Moe.Runtime.Commands.RecomputeOptions.ParseModules(["moe_act,moe"]));
+        var unknown = Assert.Throws<UserError>(() => Moe.Runtime.Commands.RecomputeOptions.ParseModules(["shared_experts"]));
+        Assert.Contains("valid: core_attn, moe_act, layernorm, mlp, moe", unknown.Message);
+
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 2, 32, 1, 1, "cpu", Recompute: r), output));
+        using var doc = System.Text.Json.JsonDocument.Parse(output.ToString());
+        Assert.Equal("full block 1", doc.RootElement.GetProperty("recompute").GetString());
+        // Full recompute without a method is refused before any work (MOE0302).
+        var error = Assert.Throws<UserError>(() => Moe.Runtime.Commands.Bench.BenchCommand.Execute(
+            new("tiny", 2, 32, 1, 1, "cpu", Recompute: new Recompute { Granularity = RecomputeGranularity.Full }), new StringWriter()));
+        Assert.Contains("MOE0302", error.Message);
+    }
+
+    [Fact]
     public void ExpertBiasCounts_TakenOnceUnderRecompute()
     {
         // Sigmoid routing with the expert bias: the counts are taken only with gradients enabled, i.e. in the rerun.
