@@ -21,7 +21,7 @@ public static partial class RuleSet
             if (r.Method is null)
                 return One(full, "Granularity = Full needs a Method: Uniform (chunks of NumLayers layers, each recomputed as a unit) or Block " +
                     "(the first NumLayers layers of each stage); Megatron: --recompute-method uniform|block",
-                    new SuggestedFix("Set Method = RecomputeMethod.Uniform", "Recompute.Method", "RecomputeMethod.Uniform"), "Recompute.Method", "Recompute.Granularity");
+                    new SuggestedFix("Set Method = RecomputeMethod.Uniform", "Recompute.Method", "Moe.Dsl.RecomputeMethod.Uniform"), "Recompute.Method", "Recompute.Granularity");
             if (r.NumLayers is not int n)
                 return One(full, $"Granularity = Full needs NumLayers between 1 and the {F(perStage)} layers of a pipeline stage; Megatron: --recompute-num-layers",
                     SetFix("Recompute.NumLayers", 1), "Recompute.NumLayers", "Recompute.Granularity");
@@ -83,6 +83,6 @@ public static partial class RuleSet
     }
 
     private static string Flags(RecomputeModules m) => m == RecomputeModules.None
-        ? "RecomputeModules.None"
-        : string.Join(" | ", new[] { RecomputeModules.CoreAttn, RecomputeModules.MoeAct, RecomputeModules.Moe }.Where(f => (m & f) != 0).Select(f => "RecomputeModules." + f));
+        ? "Moe.Dsl.RecomputeModules.None"
+        : string.Join(" | ", new[] { RecomputeModules.CoreAttn, RecomputeModules.MoeAct, RecomputeModules.Moe }.Where(f => (m & f) != 0).Select(f => "Moe.Dsl.RecomputeModules." + f));
 }
