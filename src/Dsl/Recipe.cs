@@ -36,6 +36,9 @@ public abstract class Recipe
     /// <summary>Training-health checks and TensorBoard. Default: the tutorial's bounds, warnings only.</summary>
     public virtual Health Health => new();
 
+    /// <summary>Activation recompute. Default: none. Megatron: <c>--recompute-granularity</c> and its companions.</summary>
+    public virtual Recompute Recompute => Recompute.Off;
+
     /// <summary>All settings as one value, for validation and planning.</summary>
     public RecipeSettings ToSettings() => new()
     {
@@ -50,5 +53,6 @@ public abstract class Recipe
         Checkpoint = Checkpoint,
         Nccl = Nccl,
         Health = Health,
+        Recompute = Recompute,
     };
 }

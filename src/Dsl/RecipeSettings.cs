@@ -45,6 +45,9 @@ public sealed record RecipeSettings
     /// <summary>Training-health checks and TensorBoard.</summary>
     public Health Health { get; init; } = new();
 
+    /// <summary>Activation recompute.</summary>
+    public Recompute Recompute { get; init; } = Recompute.Off;
+
     /// <summary>Setting paths (e.g. "Parallelism.Gpus", "Model") whose values could not be evaluated at compile time.</summary>
     public IReadOnlyCollection<string> Unknown { get; init; } = Array.Empty<string>();
 

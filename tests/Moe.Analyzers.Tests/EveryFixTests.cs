@@ -68,6 +68,8 @@ public class EveryFixTests
         int i => i.ToString(System.Globalization.CultureInfo.InvariantCulture),
         Moe.Dsl.Layout.RankOrder o => "Moe.Dsl.Layout.RankOrder." + o,
         Moe.Dsl.ScoreFunction f => "Moe.Dsl.ScoreFunction." + f,
+        Moe.Dsl.RecomputeMethod m => "Moe.Dsl.RecomputeMethod." + m,
+        Moe.Dsl.RecomputeModules r => "Moe.Dsl.RecomputeModules." + r,
         _ => Convert.ToString(v, System.Globalization.CultureInfo.InvariantCulture) ?? "null",
     };
 
@@ -91,7 +93,7 @@ public class EveryFixTests
             .WithParseOptions(new CSharpParseOptions(LanguageVersion.Latest));
         var document = project.AddDocument("R.cs", SourceText.From(source));
         var compilation = (await document.Project.GetCompilationAsync())!;
-        var analyzers = ImmutableArray.Create<DiagnosticAnalyzer>(new TopologyAnalyzer(), new RouterAndCapacityAnalyzer(), new DataAndTrainingAnalyzer());
+        var analyzers = ImmutableArray.Create<DiagnosticAnalyzer>(new TopologyAnalyzer(), new RouterAndCapacityAnalyzer(), new DataAndTrainingAnalyzer(), new MemoryAnalyzer());
         var diagnostics = await compilation.WithAnalyzers(analyzers).GetAnalyzerDiagnosticsAsync();
         var diagnostic = diagnostics.First(d => d.Id == id);
         var actions = new List<CodeAction>();

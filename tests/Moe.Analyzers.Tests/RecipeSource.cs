@@ -21,6 +21,7 @@ internal static class RecipeSource
         ("Training", s => s.Training, new Training()),
         ("Checkpoint", s => s.Checkpoint, new Checkpoint()),
         ("Health", s => s.Health, new Health()),
+        ("Recompute", s => s.Recompute, new Recompute()),
     ];
 
     public static string Render(RecipeSettings s, IReadOnlyList<string> markedPaths, out Dictionary<string, int> markers)

@@ -11,11 +11,12 @@ namespace Moe.Dsl.Planning;
 /// allowance for the CUDA context, NCCL buffers and allocator fragmentation.
 /// </summary>
 /// <remarks>
-/// An estimate for planning, not a measurement: activations follow Korthikanti et al. 2022
-/// ("Reducing Activation Recomputation in Large Transformer Models") with flash attention and no
-/// recomputation, adapted to MoE: per layer and token, attention keeps about
-/// (10·h + 4·kv·d) bytes (bf16), the MoE block 2·h plus, per routed slot (top-k), 2·h + 6·F bytes;
-/// everything is divided by Tensor under sequence parallel and by Context.
+/// An estimate for planning, not a measurement; every term and its formula is in docs/memory.md. Activations count
+/// what this runtime keeps for the backward (Korthikanti et al. 2022, arXiv:2205.05198, adapted to flash attention,
+/// MoE and Moe's grouped experts), per token and layer in elements of the compute dtype: attention
+/// 3h + 2·Nq·d + 2·Nkv·d, the MoE layer's input h, and per routed row 3h + 2F/ETP. The rows the most loaded rank's
+/// experts receive follow <see cref="Capacity.RoutingSkew"/> when dropless and the exact capacity bound otherwise;
+/// <see cref="Recompute"/> replaces recomputed activations by their inputs plus one rerun's working set.
 /// </remarks>
 public sealed record MemoryEstimate
 {
@@ -36,6 +37,18 @@ public sealed record MemoryEstimate
 
     /// <summary>Parameters held by the most loaded rank.</summary>
     public long ParametersPerGpu { get; init; }
+
+    /// <summary>Activations if every expert got exactly its fair share T·k/E (uniform routing), for comparison.</summary>
+    public double ActivationsUniformBytes { get; init; }
+
+    /// <summary>Rows the most loaded rank's experts process per layer and micro-batch, at the assumed skew or the capacity bound.</summary>
+    public double RoutedRows { get; init; }
+
+    /// <summary>Rows per layer and micro-batch under uniform routing: T·k, with T the rank's tokens at the MoE layer.</summary>
+    public double RoutedRowsUniform { get; init; }
+
+    /// <summary>Where <see cref="RoutedRows"/> comes from, e.g. "dropless, most loaded expert at 1.5 × its fair share" or "capacity factor 1.25: exact bound".</summary>
+    public string RoutingAssumption { get; init; } = "";
 
     /// <summary>The sum.</summary>
     public double TotalBytes => WeightsBytes + GradientsBytes + OptimizerBytes + ActivationsBytes + OverheadBytes;
@@ -84,26 +97,114 @@ public sealed record MemoryEstimate
         // fp32 master copy (bf16 only) + Adam m and v, sharded by the distributed optimizer.
         double optimizerPerParam = (bf16 ? 4 : 0) + 8;
 
-        long tokens = (long)s.Training.MicroBatchSize * s.Data.SequenceLength;
-        double spDivisor = p.SequenceParallel ? tp : 1;
-        double h = m.HiddenSize, kvd = (double)m.KeyValueHeads * m.EffectiveHeadDim, f = m.IntermediateSize;
-        double actBytes = bf16 ? 1 : 2; // the formula counts bf16 bytes; fp32 doubles it
-        double attention = (10 * h + 4 * kvd) / spDivisor;
-        double moe = 2 * h / spDivisor + s.TopK * (2 * h + 6 * f / etp) / spDivisor;
-        double perLayer = tokens * (attention + moe) * actBytes / cp;
-        int inFlight = Math.Max(1, Math.Min(pp, Math.Max(1, s.GradientAccumulationSteps)));
-        // fp32 logits for the loss on the last stage; counted for the most loaded rank to stay on the safe side.
-        double logits = (double)tokens / cp * m.VocabSize / tp * 4;
-
+        var act = Activations(s, layers);
         return new MemoryEstimate
         {
             ParametersPerGpu = total,
             WeightsBytes = total * weightBytes,
             GradientsBytes = total * gradBytes,
             OptimizerBytes = dense * optimizerPerParam / (dp * cp) + experts * optimizerPerParam / edp,
-            ActivationsBytes = perLayer * layers * inFlight + logits,
+            ActivationsBytes = act.Bytes,
+            ActivationsUniformBytes = act.UniformBytes,
+            RoutedRows = act.Rows,
+            RoutedRowsUniform = act.UniformRows,
+            RoutingAssumption = act.Assumption,
             OverheadBytes = OverheadGB * 1e9,
         };
+    }
+
+    /// <summary>Activation elements per token and layer, and the routed rows of the most loaded rank (docs/memory.md).</summary>
+    /// <param name="Attention">3h + 2·Nq·d + 2·Nkv·d: the norm's input and output, q/k/v, the attention output, the residual sum.</param>
+    /// <param name="MoeInput">h: the MoE layer's normalised input (kept by the router's GEMM).</param>
+    /// <param name="PerRow">3h + 2F/ETP per routed row: the permuted row, the expert output (kept for the combine weight's
+    /// gradient) and TorchSharp's same-sized buffer for the grouped experts' output, plus the gate/up projections.</param>
+    /// <param name="Checkpoint">2h per recomputed unit: its kept input and TorchSharp's buffer for its output.</param>
+    public sealed record ActivationTerms(double Attention, double MoeInput, double PerRow, double Checkpoint);
+
+    /// <summary>The per-token element counts of <paramref name="s"/> (before dividing by sequence or context parallel).</summary>
+    public static ActivationTerms Terms(RecipeSettings s)
+    {
+        var m = s.Model;
+        double h = m.HiddenSize, qd = (double)m.AttentionHeads * m.EffectiveHeadDim, kvd = (double)m.KeyValueHeads * m.EffectiveHeadDim;
+        double f = (double)m.IntermediateSize / Math.Max(1, s.Parallelism.EffectiveExpertTensor);
+        return new ActivationTerms(3 * h + 2 * qd + 2 * kvd, h, 3 * h + 2 * f, 2 * h);
+    }
+
+    /// <summary>
+    /// Rows the most loaded rank's experts process per layer and micro-batch, for <paramref name="tokens"/> tokens per rank
+    /// at the MoE layer: dropless, min(skew·T·k, EP·T·min(k, E/EP)) (every expert of that rank at skew × its fair share,
+    /// capped by what the ranks can send: a token reaches a rank at most min(k, E/EP) times); with a capacity factor,
+    /// C = ceil(T·k/E·factor) per expert and source rank, so E·min(C, T) rows when padded, and at most
+    /// min(E·min(C, T), EP·T·min(k, E/EP)) otherwise.
+    /// </summary>
+    public static (double Rows, string Assumption) RoutedRowsOf(RecipeSettings s, double tokens, double? skew = null)
+    {
+        int k = s.TopK, e = s.Model.Experts, ep = Math.Max(1, s.Parallelism.Expert);
+        double local = (double)e / ep;
+        double reachable = ep * tokens * Math.Min(k, local);
+        if (s.Capacity.Factor is double factor)
+        {
+            double c = Math.Ceiling(tokens * k / e * factor);
+            double bound = e * Math.Min(c, tokens);
+            return s.Capacity.PadToCapacity
+                ? (bound, $"capacity factor {Validation.Arithmetic.F(factor)}, padded: exactly E·min(C, T) rows")
+                : (Math.Min(bound, reachable), $"capacity factor {Validation.Arithmetic.F(factor)}: exact bound");
+        }
+        double x = skew ?? s.Capacity.RoutingSkew;
+        return (Math.Min(x * tokens * k, reachable), $"dropless, most loaded expert at {Validation.Arithmetic.F(x)} × its fair share");
+    }
+
+    private sealed record ActivationResult(double Bytes, double UniformBytes, double Rows, double UniformRows, string Assumption);
+
+    private static ActivationResult Activations(RecipeSettings s, int layers)
+    {
+        var p = s.Parallelism;
+        var m = s.Model;
+        int tp = Math.Max(1, p.Tensor), cp = Math.Max(1, p.Context), pp = Math.Max(1, p.Pipeline);
+        double bytes = s.Training.Precision == Precision.Bf16 ? 2 : 4;
+        double sp = p.SequenceParallel ? tp : 1;
+        // Tokens of one micro-batch on this rank: divided by context parallel, and at the norms and the MoE layer by
+        // tensor parallel when sequence parallel splits the sequence.
+        double tokens = (double)s.Training.MicroBatchSize * s.Data.SequenceLength / cp / sp;
+        var t = Terms(s);
+        var (rows, assumption) = RoutedRowsOf(s, tokens);
+        double uniformRows = tokens * s.TopK;
+        int inFlight = Math.Max(1, Math.Min(pp, Math.Max(1, s.GradientAccumulationSteps)));
+        // fp32 log-probabilities of the loss on the last stage, counted for the most loaded rank to stay on the safe side.
+        double logits = (double)s.Training.MicroBatchSize * s.Data.SequenceLength / cp * m.VocabSize / tp * 4;
+        double Total(double r) => StageActivations(s.Recompute, layers, tokens, r, t) * bytes * inFlight + logits;
+        return new ActivationResult(Total(rows), Total(Math.Min(uniformRows, rows)), rows, uniformRows, assumption);
+    }
+
+    /// <summary>
+    /// Elements one micro-batch keeps on a stage of <paramref name="layers"/> layers at its peak, with recompute:
+    /// full uniform n — every chunk's checkpoint plus one chunk of n layers rerun in the backward; full block n — n
+    /// checkpoints plus the other layers (or one rerun layer when all are recomputed); selective — core_attn adds its
+    /// output buffer (flash attention keeps q, k, v either way), moe keeps the layer's input and output buffer instead of
+    /// its rows, plus one layer's rows while it reruns.
+    /// </summary>
+    public static double StageActivations(Recompute r, int layers, double tokens, double rows, ActivationTerms t)
+    {
+        double routed = rows * t.PerRow;
+        double layer = tokens * (t.Attention + t.MoeInput) + routed;
+        double checkpoint = tokens * t.Checkpoint;
+        switch (r.Granularity)
+        {
+            case RecomputeGranularity.Full when r.Method == RecomputeMethod.Uniform && r.NumLayers is int n && n >= 1:
+                int chunks = (layers + n - 1) / n;
+                return chunks * checkpoint + Math.Min(n, layers) * layer;
+            case RecomputeGranularity.Full when r.Method == RecomputeMethod.Block && r.NumLayers is int b && b >= 1:
+                int recomputed = Math.Min(b, layers);
+                return recomputed * checkpoint + Math.Max(layers - recomputed, 1) * layer;
+            case RecomputeGranularity.Selective:
+                double h = t.Checkpoint / 2;
+                double attention = t.Attention + ((r.Modules & RecomputeModules.CoreAttn) != 0 ? h : 0);
+                bool moe = (r.Modules & RecomputeModules.Moe) != 0;
+                double perLayer = tokens * (attention + t.MoeInput + (moe ? h : 0)) + (moe ? 0 : routed);
+                return layers * perLayer + (moe ? routed : 0);
+            default:
+                return layers * layer;
+        }
     }
 
     private static int[] StageCounts(Parallelism p, int layers) =>

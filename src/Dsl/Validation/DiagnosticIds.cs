@@ -94,6 +94,14 @@ public static class DiagnosticIds
     // Memory: MOE0300-MOE0399
     /// <summary>The per-GPU memory estimate exceeds the recipe's GPU (Moe's own; Megatron runs out of memory instead).</summary>
     public const string PlanDoesNotFitGpu = "MOE0301";
+    /// <summary>Full recompute needs a method and a number of layers within a stage (R122).</summary>
+    public const string RecomputeFullIncomplete = "MOE0302";
+    /// <summary>A recompute method or number of layers without full recompute (R122).</summary>
+    public const string RecomputeMethodWithoutFull = "MOE0303";
+    /// <summary>A selective recompute module that Mixtral lacks or Moe does not implement (R123).</summary>
+    public const string RecomputeModuleUnsupported = "MOE0304";
+    /// <summary>Capacity.RoutingSkew is below 1 or above Experts / TopK (Moe's own).</summary>
+    public const string RoutingSkewOutOfRange = "MOE0305";
 
     // Start-up: MOE0900-MOE0999
     /// <summary>The recipe's Gpus differs from the launcher's world size.</summary>

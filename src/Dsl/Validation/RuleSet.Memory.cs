@@ -14,7 +14,8 @@ public static partial class RuleSet
         // such check; the job finds out with an out-of-memory error after loading the checkpoint. A warning by
         // default (the estimate is an estimate); `dotnet_diagnostic.MOE0301.severity = error` makes it fail the build.
         var fits = W(DiagnosticIds.PlanDoesNotFitGpu, "The plan must fit in the GPU's memory", RuleCategory.Memory, "Moe",
-            "Parallelism", "Model", "Router.TopK", "Training.MicroBatchSize", "Training.GlobalBatchSize", "Training.Precision", "Data.SequenceLength");
+            "Parallelism", "Model", "Router.TopK", "Training.MicroBatchSize", "Training.GlobalBatchSize", "Training.Precision", "Data.SequenceLength",
+            "Capacity.Factor", "Capacity.PadToCapacity", "Capacity.RoutingSkew", "Recompute");
         yield return new Rule(fits, (s, _) =>
         {
             if (!MemoryEstimate.CanEstimate(s)) return None;
@@ -32,7 +33,7 @@ public static partial class RuleSet
                 $"gradients {G(mem.GradientsBytes)}, optimizer state {G(mem.OptimizerBytes)}, activations {G(mem.ActivationsBytes)}, " +
                 $"CUDA/NCCL/allocator {G(mem.OverheadBytes)} GB), more than the {gpu.Name}'s {F(gpu.MemoryGB)} GB. {other}" +
                 $"to hold less per GPU use more Gpus (the distributed optimizer shards optimizer state over data parallel {F(p.DataParallel)} " +
-                $"and expert data parallel {F(p.ExpertDataParallel)}), a larger Expert × ExpertTensor × Pipeline, or a smaller MicroBatchSize or SequenceLength",
+                $"and expert data parallel {F(p.ExpertDataParallel)}), a larger Expert × ExpertTensor × Pipeline, activation recompute (Recompute = Recompute.FullEveryLayer), or a smaller MicroBatchSize or SequenceLength",
                 null, "Parallelism.Gpu");
         });
     }

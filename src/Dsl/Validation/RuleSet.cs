@@ -28,7 +28,7 @@ public static partial class RuleSet
     public static RuleDescriptor CheckedAtStartUp { get; } = new(
         DiagnosticIds.CheckedAtStartUp, "Setting is checked at start-up", RuleSeverity.Info, RuleCategory.StartUp, "Moe", Array.Empty<string>());
 
-    private static readonly Rule[] Rules = TopologyRules().Concat(RouterRules()).Concat(DataRules()).Concat(MemoryRules()).Concat(StartUpRules()).ToArray();
+    private static readonly Rule[] Rules = TopologyRules().Concat(RouterRules()).Concat(DataRules()).Concat(MemoryRules()).Concat(RecomputeRules()).Concat(StartUpRules()).ToArray();
 
     /// <summary>Every rule's descriptor, in ID order (including the analyzer-only <see cref="CheckedAtStartUp"/>).</summary>
     public static IReadOnlyList<RuleDescriptor> Descriptors { get; } =

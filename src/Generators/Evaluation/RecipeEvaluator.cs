@@ -23,7 +23,7 @@ public static class RecipeEvaluator
     private static readonly Assembly Dsl = typeof(Recipe).Assembly;
 
     /// <summary>The settings a recipe overrides, in <see cref="RecipeSettings"/> order.</summary>
-    public static readonly string[] SettingNames = ["Model", "Parallelism", "Router", "Capacity", "Dispatcher", "Data", "Training", "Checkpoint", "Nccl", "Health"];
+    public static readonly string[] SettingNames = ["Model", "Parallelism", "Router", "Capacity", "Dispatcher", "Data", "Training", "Checkpoint", "Nccl", "Health", "Recompute"];
 
     public static RecipeEvaluation Evaluate(INamedTypeSymbol recipe, Compilation compilation, CancellationToken cancellationToken)
     {
@@ -56,6 +56,7 @@ public static class RecipeEvaluator
             Checkpoint = values.TryGetValue("Checkpoint", out var ck) && ck is Checkpoint checkpoint ? checkpoint : defaults.Checkpoint,
             Nccl = values.TryGetValue("Nccl", out var n) && n is Nccl nccl ? nccl : defaults.Nccl,
             Health = values.TryGetValue("Health", out var h) && h is Health health ? health : defaults.Health,
+            Recompute = values.TryGetValue("Recompute", out var rc) && rc is Recompute recompute ? recompute : defaults.Recompute,
             Unknown = context.UnknownSettings.Select(u => u.Path).Distinct().ToArray(),
         };
         if (!values.ContainsKey("Model") && !settings.Unknown.Contains("Model"))

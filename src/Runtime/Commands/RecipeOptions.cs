@@ -34,6 +34,7 @@ public sealed class RecipeOptions
     public Option<int?> KeepLast { get; }
     public Option<int> Seed { get; }
     public Option<string> Precision { get; }
+    public RecomputeOptions Recompute { get; }
 
     public RecipeOptions(RecipeSettings defaults)
     {
@@ -90,11 +91,12 @@ public sealed class RecipeOptions
             DefaultValueFactory = _ => t.Precision == Dsl.Precision.Bf16 ? "bf16" : "fp32",
         };
         Precision.AcceptOnlyFromAmong("bf16", "fp32");
+        Recompute = new RecomputeOptions(defaults.Recompute);
     }
 
     /// <summary>Every option, in the order help lists them.</summary>
     public IEnumerable<Option> All => [Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, SequenceParallel, Order,
-        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, SaveInterval, KeepLast, Seed, Precision];
+        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, SaveInterval, KeepLast, Seed, Precision, .. Recompute.All];
 
     /// <summary>Adds every option to a command.</summary>
     public void AddTo(Command command)
@@ -139,6 +141,7 @@ public sealed class RecipeOptions
             Interval = parse.GetValue(SaveInterval),
             KeepLast = parse.GetValue(KeepLast),
         },
+        Recompute = Recompute.Parse(parse),
     };
 
     /// <summary>The --order option (shared with <c>moe layout</c>).</summary>

@@ -70,6 +70,14 @@ public sealed class Attention : nn.Module
     /// </summary>
     public ContextParallel? Context { get; set; }
 
+    /// <summary>Selective recompute of the core attention (Megatron <c>core_attn</c>): keep q, k, v and rerun it in the backward.</summary>
+    public bool RecomputeCore { get; set; }
+
+    /// <summary>softmax(QKᵀ/√d)·V, causal or under the boolean mask.</summary>
+    private static Tensor Core(Tensor qBNSd, Tensor kBNSd, Tensor vBNSd, Tensor? maskB1SS) => maskB1SS is null
+        ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
+        : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);
+
     /// <summary>The fused weight as [g, r + 2, d, H] (a view): [:, :r] the query heads, [:, r] the keys, [:, r + 1] the values.</summary>
     public Tensor GroupedView(Tensor qkvWeight) => qkvWeight.view(groups, perGroup + 2, headDim, qkvWeight.shape[^1]);
 
@@ -97,9 +105,9 @@ public sealed class Attention : nn.Module
             kBNSd = Rotary.Apply(kBNSd, rope);
         }
         if (Context is { Size: > 1 } cp) (kBNSd, vBNSd) = cp.GatherKeysValues(kBNSd, vBNSd);
-        var outBNSd = maskB1SS is null
-            ? Kernels.CausalAttention(qBNSd, kBNSd, vBNSd)
-            : Kernels.MaskedAttention(qBNSd, kBNSd, vBNSd, maskB1SS);
+        var outBNSd = RecomputeCore
+            ? ActivationRecompute.CoreAttention(Core, qBNSd, kBNSd, vBNSd, maskB1SS)
+            : Core(qBNSd, kBNSd, vBNSd, maskB1SS);
         return nn.functional.linear(outBNSd.transpose(1, 2).reshape(b, s, (long)groups * perGroup * headDim), o_proj);
     }
 }

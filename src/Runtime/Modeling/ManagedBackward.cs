@@ -89,6 +89,33 @@ public static class ManagedBackward
         }
     }
 
+    /// <summary>
+    /// <see cref="Run"/> for a function with several outputs: <paramref name="body"/> gets the saved tensors and the
+    /// output gradients as they arrived (an invalid tensor for an output that got none, when the function turned
+    /// materialisation off).
+    /// </summary>
+    public static List<Tensor> RunMany(string function, int inputs, torch.autograd.AutogradContext ctx, IReadOnlyList<Tensor> gradOutputs,
+        Func<IReadOnlyList<Tensor>, IReadOnlyList<Tensor>, List<Tensor>> body)
+    {
+        Release();
+        try
+        {
+            using var scope = torch.NewDisposeScope();
+            return body(ctx.get_saved_variables(), gradOutputs);
+        }
+        catch (Exception e)
+        {
+            var failure = new UserError($"The backward of {function} failed: {e.Message}", e);
+            if (_runsForwards) _threadFailure ??= failure;
+            else Interlocked.CompareExchange(ref _engineFailure, failure, null);
+            return Enumerable.Repeat<Tensor>(null!, inputs).ToList();
+        }
+        finally
+        {
+            foreach (var g in gradOutputs) if (g is not null && !g.IsInvalid) g.Dispose();
+        }
+    }
+
     /// <summary>Releases this thread's handles, then throws the first failure recorded since the last call, if any.</summary>
     public static void Complete()
     {

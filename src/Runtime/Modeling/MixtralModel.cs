@@ -39,6 +39,9 @@ public sealed class DecoderLayer : nn.Module
     public Attention SelfAttention => self_attn;
     public MoeLayer Moe => mlp;
 
+    /// <summary>Selective recompute of the MoE layer (Megatron <c>moe</c>): keep its input and rerun it, all-to-all included, in the backward.</summary>
+    public bool RecomputeMoe { get; set; }
+
     /// <remarks>
     /// Runs in its own dispose scope: the intermediate tensors' handles are released when the layer returns, so
     /// autograd alone decides what stays for the backward, as in PyTorch (handles kept until the end of the step
@@ -54,7 +57,8 @@ public sealed class DecoderLayer : nn.Module
         xBSH = xBSH + tp.ReduceScatterSequence(self_attn.Forward(tp.GatherSequence(Kernels.RmsNorm(xBSH, input_layernorm, eps)), rope, mask));
         HostTrace.Mark("attention");
         long b = xBSH.shape[0], s = xBSH.shape[1], h = xBSH.shape[2];
-        var moe = mlp.Forward(Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h), (int)b);
+        var normedTH = Kernels.RmsNorm(xBSH, post_attention_layernorm, eps).view(b * s, h);
+        var moe = RecomputeMoe ? ActivationRecompute.MoeLayer(mlp, normedTH, (int)b) : mlp.Forward(normedTH, (int)b);
         var outBSH = xBSH + moe.HiddenTH.view(b, s, h);
         scope.MoveToOuter(moe.Tensors().Append(outBSH));
         return (outBSH, moe);
@@ -135,6 +139,26 @@ public sealed class MixtralModel : nn.Module
     public TensorParallel TensorParallel => tp;
 
     public ScalarType Dtype { get; }
+
+    private RecomputePlan recomputation = RecomputePlan.None;
+
+    /// <summary>
+    /// Activation recompute (Megatron's <c>--recompute-*</c>): full chunks of layers, or the core attention and the MoE
+    /// layer of every layer. Default none. See <see cref="ActivationRecompute"/>.
+    /// </summary>
+    public RecomputePlan Recomputation
+    {
+        get => recomputation;
+        set
+        {
+            recomputation = value;
+            foreach (var layer in layers)
+            {
+                layer.SelfAttention.RecomputeCore = value.CoreAttention;
+                layer.RecomputeMoe = value.MoeLayer;
+            }
+        }
+    }
 
     /// <summary>
     /// Context parallel (set by <see cref="ContextParallel.Apply"/>): the inputs of <see cref="Forward"/> are this
@@ -227,10 +251,19 @@ public sealed class MixtralModel : nn.Module
         var (rope, mask) = AttentionInputs(b, s, positionIdsBS, documentIdsBS, attentionMaskBS);
         var xBSH = Embed(inputIdsBS);
         var moeOutputs = new List<MoeLayerOutput>(layers.Count);
-        foreach (var layer in layers)
+        for (int l = 0; l < layers.Count;)
         {
-            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
+            if (recomputation.ChunkAt(l) is (int start, int end))
+            {
+                // Full recompute: the chunk keeps only its input hidden states.
+                (xBSH, var chunk) = ActivationRecompute.Layers(Layers, start, end, xBSH, rope, mask);
+                moeOutputs.AddRange(chunk);
+                l = end;
+                continue;
+            }
+            (xBSH, var moe) = layers[l].Forward(xBSH, rope, mask);
             moeOutputs.Add(moe);
+            l++;
         }
         var (logitsBSV, lmLoss) = Head(xBSH, labelsBS, lossMaskBS, returnLogits);
         HostTrace.Mark("lm head + loss");

@@ -11,7 +11,7 @@ namespace Moe.Dsl.Tests.Rules;
 /// </summary>
 public static class RuleCases
 {
-    /// <summary>A valid base: Mixtral 8x7B on 32 H200s, EP 8 (about 97 GB per GPU: it would not fit an H100, see MOE0301).</summary>
+    /// <summary>A valid base: Mixtral 8x7B on 32 H200s, EP 8 (about 105 GB per GPU: it would not fit an H100, see MOE0301).</summary>
     public static RecipeSettings Base { get; } = new()
     {
         Name = "Case",
@@ -197,12 +197,46 @@ public static class RuleCases
         // parameters: experts 32 layers × 3·4096·14336 = 5,637,144,576; dense 32 × (41,943,040 attention + 8,192 norms
         // + 32,768 router) + 2 × 32000·4096 embeddings + 4,096 = 1,605,636,096 → 7,242,780,672;
         // weights 2 B (14.49 GB) + gradients 4 B (28.97 GB) + optimizer 12 B sharded (dense /32, experts /4: 17.51 GB)
-        // + activations 32 layers × 4096 × 241,664 B + fp32 logits 4096·32000·4 (32.20 GB) + 4 GB = 97.17 GB.
+        // + activations (39.72 GB, below) + 4 GB = 104.69 GB.
+        // Activations (docs/memory.md), 32 layers, 4096 tokens, EP 8 at the default routing skew 1.5: rows
+        // min(1.5·4096·2, 8·4096·1) = 12,288; per layer 4096·(22,528 + 4096) + 12,288·40,960 = 612,368,384 elements;
+        // × 32 layers × 2 bytes = 39,191,576,576, + fp32 log-probabilities 4096·32,000·4 = 524,288,000 → 39.72 GB.
         yield return new(DiagnosticIds.PlanDoesNotFitGpu, "Parallelism.Gpu",
-            ["The plan needs about 97.2 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 32.2", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
+            ["The plan needs about 104.7 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 39.7", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
             P(p => p with { Gpu = Gpu.H100 }), P(p => p with { Gpu = Gpu.H200 }));
         yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.KeepLast",
             ["Checkpoint KeepLast (0) must be at least 1 (null keeps every checkpoint)"],
             Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 0 } }, Base with { Checkpoint = new Checkpoint { Save = "ckpt", KeepLast = 1 } });
+        // Recompute (R122, R123): 8x7B has 32 layers; with Pipeline 2 a stage holds 16.
+        yield return new(DiagnosticIds.RecomputeFullIncomplete, "Recompute.Method",
+            ["Granularity = Full needs a Method", "--recompute-method uniform|block"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, NumLayers = 1 } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 1 } });
+        yield return new(DiagnosticIds.RecomputeFullIncomplete, "Recompute.NumLayers",
+            ["NumLayers (17) must be between 1 and the 16 layers of a pipeline stage (32 layers / Pipeline 2)"],
+            P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 17 } },
+            P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 16 } });
+        yield return new(DiagnosticIds.RecomputeMethodWithoutFull, "Recompute.NumLayers",
+            ["NumLayers choose the layers of full recompute, but Granularity = Selective"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, NumLayers = 2 } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective } });
+        yield return new(DiagnosticIds.RecomputeMethodWithoutFull, "Recompute.Method",
+            ["Method choose the layers of full recompute, but Granularity = None means no recompute"],
+            Base with { Recompute = new Recompute { Method = RecomputeMethod.Block } }, Base);
+        yield return new(DiagnosticIds.RecomputeModuleUnsupported, "Recompute.Modules",
+            ["Modules cannot include Layernorm", "Valid: CoreAttn, MoeAct, Moe"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Layernorm } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Moe } });
+        yield return new(DiagnosticIds.RecomputeModuleUnsupported, "Recompute.Modules",
+            ["Modules cannot include Mlp (Mixtral has no dense MLP"],
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.Mlp } },
+            Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, Modules = RecomputeModules.MoeAct } });
+        // Routing skew: 8 experts, top-2 → at most 8 / 2 = 4.
+        yield return new(DiagnosticIds.RoutingSkewOutOfRange, "Capacity.RoutingSkew",
+            ["RoutingSkew (4.5) must be between 1", "E/k = 8/2 = 4"],
+            C(c => c with { RoutingSkew = 4.5 }), C(c => c with { RoutingSkew = 4 }));
+        yield return new(DiagnosticIds.RoutingSkewOutOfRange, "Capacity.RoutingSkew",
+            ["RoutingSkew (0.5) must be between 1"],
+            C(c => c with { RoutingSkew = 0.5 }), C(c => c with { RoutingSkew = 1 }));
     }
 }

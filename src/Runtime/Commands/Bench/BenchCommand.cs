@@ -42,8 +42,9 @@ public static class BenchCommand
     /// <param name="Tensor">Tensor-parallel size, with sequence parallel (experts split with ETP = TP, as Megatron defaults).</param>
     /// <param name="Context">Context-parallel size: each sequence is cut over that many ranks (<see cref="ContextParallel"/>).</param>
     /// <param name="Pipeline">Pipeline-parallel size: stages run Megatron's 1F1B schedule over the micro-batches, with Megatron's per-layer aux loss.</param>
+    /// <param name="Recompute">Activation recompute (Megatron's --recompute-* flags); null: none.</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1, int Pipeline = 1);
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1, int Pipeline = 1, Dsl.Recompute? Recompute = null);
 
     public const double PeakTflops = 790;
 
@@ -56,6 +57,7 @@ public static class BenchCommand
         if (!r.MainGrads && r.Gpus > 1)
             throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
+        RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);   // refuses an invalid combination before any work
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
         if (r.Tensor < 1 || r.Gpus % r.Tensor != 0 || r.Gpus % (r.Tensor * r.Expert) != 0)
@@ -129,6 +131,7 @@ public static class BenchCommand
         model.InitializeWeights(0);
         model.train();
         var cp = ContextParallel.Apply(model, rank.Groups);
+        model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);
         var parameters = model.ParametersInForwardOrder().ToList();
         var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
         // The cp ranks of one data-parallel rank draw the same sequences (seeded by the data-parallel rank) and keep their chunks.
@@ -240,6 +243,7 @@ public static class BenchCommand
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["main_grads"] = r.MainGrads,
+            ["recompute"] = RecomputeOptions.Describe(r.Recompute ?? Dsl.Recompute.Off),
             ["step_s"] = result.StepSeconds,
             ["tokens_per_s_per_gpu"] = tokensPerSecond,
             ["tflops_per_gpu"] = flops / 1e12,

@@ -34,7 +34,8 @@ public sealed class BenchCommandDefinition
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline }) Command.Options.Add(o);
+        Recompute = new RecomputeOptions(Dsl.Recompute.Off);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline }.Concat(Recompute.All)) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -52,4 +53,7 @@ public sealed class BenchCommandDefinition
     public Option<bool> MainGrads { get; }
     public Option<int> Tensor { get; }
     public Option<int> Pipeline { get; }
+
+    /// <summary>Megatron's <c>--recompute-granularity/-method/-num-layers/-modules</c>, to measure what recompute costs and saves.</summary>
+    public RecomputeOptions Recompute { get; }
 }

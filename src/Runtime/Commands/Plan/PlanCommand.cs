@@ -84,6 +84,9 @@ public static class PlanCommand
             ? $"factor {RecipeOptions.Invariant(f)}, drop by {s.Capacity.DropPolicy}" + (s.Capacity.PadToCapacity ? ", padded" : "")
             : "dropless");
         Line("dispatcher", s.Dispatcher.ToString());
+        if (s.Capacity.Factor is null)
+            Line("routing skew (plan)", $"most loaded expert at {RecipeOptions.Invariant(s.Capacity.RoutingSkew)} × its fair share (Capacity.RoutingSkew)");
+        Line("recompute", RecomputeOptions.Describe(s.Recompute));
 
         var h = s.Health;
         string Share(double? v) => v is double d ? d.ToString("P0", CultureInfo.InvariantCulture) : "off";
@@ -104,7 +107,9 @@ public static class PlanCommand
         Line("weights", G(mem.WeightsBytes));
         Line("gradients", G(mem.GradientsBytes));
         Line("optimizer state", G(mem.OptimizerBytes));
-        Line("activations", G(mem.ActivationsBytes) + $" (micro-batch {s.Training.MicroBatchSize} × {s.Data.SequenceLength} tokens)");
+        Line("activations", G(mem.ActivationsBytes) + $" (micro-batch {s.Training.MicroBatchSize} × {s.Data.SequenceLength} tokens, {mem.RoutingAssumption})");
+        Line("  at uniform routing", G(mem.ActivationsUniformBytes));
+        Line("  expert rows per layer", $"{I((long)Math.Round(mem.RoutedRows))} (uniform: {I((long)Math.Round(mem.RoutedRowsUniform))})");
         Line("CUDA, NCCL, allocator", G(mem.OverheadBytes));
         Line("total", $"{G(mem.TotalBytes)} of {gpu.Name}'s {gpu.MemoryGB.ToString(CultureInfo.InvariantCulture)} GB: " +
             (mem.FitsOn(gpu) ? "fits" : $"WILL NOT FIT ({Moe.Dsl.Validation.DiagnosticIds.PlanDoesNotFitGpu})"));
