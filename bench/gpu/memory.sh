@@ -18,7 +18,8 @@ run() {   # run <seconds> <label> <command...>: its JSON lines, labelled, into m
     echo "$lines" | while read -r line; do echo "{\"label\":\"$label\",${line#\{}"; done | tee -a $OUT/memory.jsonl
   else log "failed (exit $rc$( [ $rc -eq 124 ] && echo ', timed out')): $label"; fi
 }
-ours() { run 75 "moe $*" $M bench --iters 3 "$@"; }
+# The baseline's protocol: gradients stay in bf16 .grad as transformers keeps them (--main-grads false), like for like.
+ours() { run 75 "moe $*" $M bench --iters 3 --main-grads false "$@"; }
 hf()   { run 75 "hf $*" python3 .gpu/hf_mem.py --iters 3 "$@"; }
 
 # (1) 32k tokens, two 8x7B layers.
