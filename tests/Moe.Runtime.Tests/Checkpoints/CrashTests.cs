@@ -145,7 +145,14 @@ public class CrashTests : IDisposable
         using var run = Child.Start(Args(save, Path.Combine(_dir, "twice.jsonl")), slowSaveMs: 5000);
         run.WaitFor(@"^step 2/10 ", Patience);
         run.Signal(15);
-        run.WaitFor(@"^saving iteration ", Patience);
+        // Two SIGTERMs sent before the first is handled coalesce into one (POSIX signals are not queued): send the
+        // second only once the first is acknowledged, during a save that starts after it.
+        run.WaitFor(@"^SIGTERM: finishing the current step", Patience);
+        // A save already under way (the interval's, slowed to 5 s) may be the last one; otherwise the stop's save follows.
+        string output = run.Output;
+        int saving = output.LastIndexOf("saving iteration ", StringComparison.Ordinal);
+        if (saving < 0 || output.IndexOf("\nsaved ", saving, StringComparison.Ordinal) >= 0)
+            run.WaitFor(@"^saving iteration ", Patience);
         run.Signal(15);
         Assert.Equal(143, run.WaitForExit(Patience));
         Assert.Contains("SIGTERM again: stopping now", run.Output);
