@@ -22,6 +22,8 @@ run() {   # run <seconds> <label> <command...>: its JSON lines, labelled, into m
 ours() { run 75 "moe $*" $M bench --iters 3 --main-grads false "$@"; }
 hf()   { run 75 "hf $*" python3 .gpu/hf_mem.py --iters 3 "$@"; }
 
+# MEMORY_PART=table skips (1) and (2) and the shapes named in MEMORY_DONE ("8x7b:2:4096 ..."): a second call's share.
+if [ "${MEMORY_PART:-all}" != table ]; then
 # (1) 32k tokens, two 8x7B layers.
 ours --model 8x7b --layers 2 --seq 32768 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
 ours --model 8x7b --layers 2 --seq 32768 --recompute-granularity selective --recompute-modules moe
@@ -35,10 +37,13 @@ for r in "" "--recompute-granularity full --recompute-method uniform --recompute
   ours --model 8x7b --layers 4 --seq 8192 $r
 done
 
+fi
+
 # (3) the table, both systems at every shape (ours without recompute).
 for model in 8x7b 8x22b; do
   for layers in 2 4; do
     for seq in 4096 8192 16384; do
+      case " ${MEMORY_DONE:-} " in *" $model:$layers:$seq "*) continue ;; esac
       ours --model $model --layers $layers --seq $seq
       hf --model $model --layers $layers --seq $seq
     done
