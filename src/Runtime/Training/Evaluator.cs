@@ -80,14 +80,12 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
         if (samples % stride != 0)
             throw new UserError($"Evaluation with pipeline stages needs whole micro-batches: EvalIters × GlobalBatchSize ({samples}) is not a multiple of MicroBatchSize × data parallel ({stride}).");
         using var scope = torch.NewDisposeScope();
+        var context = model.Context ?? new ContextParallel(rank.Groups.Cp);
         MicroBatchInputs Read(int m)
         {
             int first = dp.Rank * b + m * stride;
             var batch = Enumerable.Range(first, b).Select(i => validation.Sample(i)).ToArray();
-            Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
-            var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
-            return new MicroBatchInputs(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
-                settings.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null);
+            return MicroBatch.From(batch, seq, device, context, settings.Data.ResetAttentionMask).ForPipeline(context);
         }
         var sums = torch.zeros(6 + 2 * model.Config.Layers * model.Config.Experts, dtype: ScalarType.Float64, device: device);
         new PipelineRunner(model, rank.Groups.Pp, 0, 0).Step(Read, microBatches, sums, forwardOnly: true);

@@ -41,6 +41,10 @@ public sealed record MicroBatch(Tensor TokensBS, Tensor LabelsBS, Tensor LossMas
             documents ? Long(x => x.DocumentIds) : null, mask.LongCount(m => m > 0), maskWhole.LongCount(m => m > 0));
     }
 
+    /// <summary>These inputs for a pipeline stage (<see cref="PipelineRunner"/>), with the loss factor <see cref="Loss"/> applies.</summary>
+    public MicroBatchInputs ForPipeline(ContextParallel cp) =>
+        new(TokensBS, LabelsBS, LossMaskBS, PositionIdsBS, DocumentIdsBS, cp.LossFactor(LocalCounted, WholeCounted), LocalCounted == 0);
+
     /// <summary>This rank's summed lm loss (the mean <paramref name="lmLoss"/> times its counted positions, detached, fp64); 0 when none counts.</summary>
     public Tensor LmSum(Tensor lmLoss) =>
         LocalCounted == 0 ? torch.zeros(1, dtype: ScalarType.Float64, device: lmLoss.device).squeeze() : lmLoss.detach().to(ScalarType.Float64) * (double)LocalCounted;

@@ -9,7 +9,18 @@ namespace Moe.Runtime.Training;
 // Shapes: B micro-batch, S sequence, H hidden, L layers of the model, E experts.
 
 /// <summary>One micro-batch's inputs (every stage reads them: positions and masks are needed by every layer).</summary>
-public sealed record MicroBatchInputs(Tensor TokensBS, Tensor LabelsBS, Tensor LossMaskBS, Tensor PositionIdsBS, Tensor? DocumentIdsBS);
+/// <param name="TokensBS">Input ids [B, S] (this rank's positions under context parallel).</param>
+/// <param name="LabelsBS">Next-token labels [B, S].</param>
+/// <param name="LossMaskBS">Positions the loss counts [B, S].</param>
+/// <param name="PositionIdsBS">Global position ids [B, S].</param>
+/// <param name="DocumentIdsBS">Document ids [B, S] for the reset attention mask, or null.</param>
+/// <param name="LmFactor">
+/// What the last stage multiplies the micro-batch's mean cross-entropy by before the backward: 1, or under context
+/// parallel this rank's share of the whole sequence's counted positions times CP (<see cref="ContextParallel.LossFactor"/>).
+/// </param>
+/// <param name="NoneCounted">No position of this rank's tokens counts (context parallel): its mean is NaN and weighs nothing.</param>
+public sealed record MicroBatchInputs(Tensor TokensBS, Tensor LabelsBS, Tensor LossMaskBS, Tensor PositionIdsBS, Tensor? DocumentIdsBS,
+    double LmFactor = 1.0, bool NoneCounted = false);
 
 /// <summary>
 /// Runs one step of a pipeline stage: the forwards and backwards of <see cref="PipelineSchedules"/> in order,
@@ -137,7 +148,8 @@ public sealed class PipelineRunner
         }
         var (rope, mask) = _model.AttentionInputs(b, s, m.PositionIdsBS, m.DocumentIdsBS);
         int layers = _model.Config.Layers, experts = _model.Config.Experts;
-        double scale = 1.0 / microBatches;
+        // Megatron's aux-loss scale: loss_scale · CP / M (dense gradients are averaged over dp × cp).
+        double scale = (double)(_model.Context?.Size ?? 1) / microBatches;
         foreach (int local in _stage.LocalLayersOf(a.Chunk))
         {
             var layer = _model.Layers[local];
@@ -170,11 +182,11 @@ public sealed class PipelineRunner
             {
                 var counted = m.LossMaskBS.sum().to(ScalarType.Float64);
                 var weighted = lm!.detach().to(ScalarType.Float64) * counted;
-                // Evaluation skips a micro-batch with no counted token (its mean is NaN and weighs nothing), as the evaluator does.
-                sums[0].add_(forwardOnly ? torch.where(counted.gt(0), weighted, torch.zeros_like(weighted)) : weighted);
+                // A micro-batch (or a context-parallel rank's chunks) with no counted token has a NaN mean that weighs nothing.
+                sums[0].add_(torch.where(counted.gt(0), weighted, torch.zeros_like(weighted)));
                 sums[1].add_(counted);
             }
-            output = lm! / microBatches;
+            output = (m.NoneCounted ? lm!.nan_to_num(0.0) * 0.0 : m.LmFactor == 1.0 ? lm! : lm! * m.LmFactor) / microBatches;
         }
         else output = xBSH;
         output.DetachFromDisposeScope();

@@ -116,9 +116,6 @@ public sealed class Trainer : IDisposable
         var checkpoint = settings.Checkpoint.Load is string path ? CheckpointSource.Resolve(path) : null;
         var stage = PipelineStage.Of(settings.Parallelism with { Pipeline = rank.Groups.Layout.Pipeline }, settings.Model.Layers, rank.Groups.Coordinates.Pp);
         _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan, stage);
-        if (stage.Stages > 1 && rank.Groups.Cp.Size > 1)
-            throw new UserError($"Pipeline ({stage.Stages}) × Context ({rank.Groups.Cp.Size}) parallel does not run yet: the pipeline schedule does not cut its " +
-                "micro-batches into context-parallel chunks. Set Parallelism.Context = 1 (or --cp 1) with pipeline stages, or Pipeline = 1 with context parallel.");
         if (stage.Stages > 1) PipelineSchedules.For(stage.Stages, stage.Stage, MicroBatches, stage.ChunkCount);   // a schedule the micro-batches cannot fill fails now
         _context = ContextParallel.Apply(_model, rank.Groups);
         if (stage.Stages > 1 && settings.Recompute.Granularity == RecomputeGranularity.Full)
@@ -386,10 +383,7 @@ public sealed class Trainer : IDisposable
         var device = _rank.Device;
         long first = FirstSample(step, micro);
         var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
-        Tensor Stack(Func<GptSample, long[]> f) => torch.tensor(batch.SelectMany(f).ToArray(), device: device).view(b, seq);
-        var lossMask = torch.tensor(batch.SelectMany(x => x.LossMask).ToArray(), device: device).view(b, seq);
-        return new MicroBatchInputs(Stack(x => x.Tokens), Stack(x => x.Labels), lossMask, Stack(x => x.PositionIds),
-            _s.Data.ResetAttentionMask ? Stack(x => x.DocumentIds) : null);
+        return MicroBatch.From(batch, seq, device, _context, _s.Data.ResetAttentionMask).ForPipeline(_context);
     }
 
     /// <summary>

@@ -1,7 +1,4 @@
 using Moe.Dsl;
-using Moe.Dsl.Layout;
-using Moe.Runtime.Distributed.InProcess;
-using Moe.Runtime.Training;
 using Xunit;
 
 namespace Moe.Runtime.Tests.Distributed;
@@ -26,12 +23,13 @@ public class CombinedParallelTests
             new Parallelism { Gpus = 8, Tensor = 2, SequenceParallel = true, Pipeline = 2, Expert = 2 }));
 
     [Fact]
-    public void PipelineTimesContextParallel_IsAUserErrorNamingBoth()
-    {
-        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 4, Pipeline = 2, Context = 2 });
-        var p = s.Parallelism;
-        var errors = InProcessJob.Run(new RankLayout(p.Gpus, p.Tensor, p.Pipeline, p.Context, p.Expert, p.EffectiveExpertTensor, p.Order), TimeSpan.FromSeconds(60),
-            rank => Assert.Throws<UserError>(() => new Trainer(s, rank, TextWriter.Null)).Message);
-        Assert.All(errors, e => Assert.Contains("Pipeline (2) × Context (2) parallel does not run yet", e));
-    }
+    public void PipelineTimesContextParallel_EqualsTheOneDeviceRun() =>   // PP 2 × CP 2 on 4 ranks, z-loss on (aux scale CP/M, coefficient ÷ cp)
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(
+            new Parallelism { Gpus = 4, Pipeline = 2, Context = 2 },
+            s => s with { Router = s.Router with { ZLossCoeff = 1e-2 } }));
+
+    [Fact]
+    public void PipelineContextTensorAndExpertParallel_OnEightRanks_EqualsTheOneDeviceRun() =>   // PP 2 × CP 2 × TP 2 + SP, EP 2 × ETP 1 folded
+        ParallelEquivalenceTests.AssertEqualsOneDevice(ParallelEquivalenceTests.Tiny(
+            new Parallelism { Gpus = 8, Pipeline = 2, Context = 2, Tensor = 2, SequenceParallel = true, Expert = 2, ExpertTensor = 1 }));
 }

@@ -71,8 +71,6 @@ public static class BenchCommand
                 : $"--seq {r.Seq} / --cp {r.Context} = {r.Seq / r.Context} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank of a context-parallel rank that many / --tp positions.");
         if (r.Pipeline < 1 || r.Layers % r.Pipeline != 0 || r.Gpus % (r.Tensor * r.Context * r.Pipeline) != 0 || r.Gpus % (r.Tensor * r.Expert * r.Pipeline) != 0)
             throw new UserError($"--pp {r.Pipeline} must divide --layers {r.Layers}, and --tp × --cp × --pp ({r.Tensor} × {r.Context} × {r.Pipeline}) and --tp × --ep × --pp ({r.Tensor} × {r.Expert} × {r.Pipeline}) must divide --gpus {r.Gpus}.");
-        if (r.Pipeline > 1 && r.Context > 1)
-            throw new UserError($"--pp {r.Pipeline} with --cp {r.Context} does not run yet (the pipeline schedule does not cut its micro-batches into context-parallel chunks); use one of them.");
         var layout = new RankLayout(r.Gpus, r.Tensor, r.Pipeline, r.Context, r.Expert, r.Tensor, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
@@ -156,9 +154,10 @@ public static class BenchCommand
             if (stage.Stages > 1)
             {
                 using var _ = torch.NewDisposeScope();
-                var positions = torch.arange(r.Seq, device: device).unsqueeze(0).expand(r.MicroBatch, r.Seq);
+                // This rank's global positions (its context-parallel chunks; the whole sequence at CP 1).
+                var positions = torch.tensor(cp.LocalIndices(r.Seq), device: device).unsqueeze(0).expand(r.MicroBatch, ids.shape[1]);
                 var sums = torch.zeros(6 + 2 * config.Layers * config.Experts, dtype: ScalarType.Float64, device: device);
-                new PipelineRunner(model, rank.Groups.Pp, config.RouterAuxLossCoef, 0).Step(_ => new MicroBatchInputs(ids, labels, mask, positions, null), r.MicroBatches, sums,
+                new PipelineRunner(model, rank.Groups.Pp, config.RouterAuxLossCoef, 0).Step(_ => new MicroBatchInputs(ids, labels, mask, positions, null, lmFactor), r.MicroBatches, sums,
                     afterBackward: () => { foreach (var b in buffers) b.AccumulateMicroBatch(); });
                 forwardMs.Add(watch.Elapsed.TotalMilliseconds);
             }
