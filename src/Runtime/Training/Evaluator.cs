@@ -37,7 +37,7 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
         try
         {
             using var noGrad = torch.no_grad();
-            if (model.Stage.Stages > 1) (weighted, tokens) = PipelineSums(samples, b, seq);
+            if (model.Stage.Stages > 1) (weighted, tokens) = PipelineSums(samples, b, seq, context);
             else for (int first = dp.Rank * b; first < samples; first += b * dp.Size)
             {
                 using var scope = torch.NewDisposeScope();
@@ -72,7 +72,7 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
     /// With pipeline stages: the forward-only schedule over this data-parallel rank's micro-batches; the last stage's
     /// sums (loss × counted tokens, counted tokens) summed over the pipeline so every stage returns them.
     /// </summary>
-    private (double Weighted, double Tokens) PipelineSums(int samples, int b, int seq)
+    private (double Weighted, double Tokens) PipelineSums(int samples, int b, int seq, ContextParallel context)
     {
         var device = rank.Device;
         var dp = rank.Groups.Dp;
@@ -80,7 +80,6 @@ public sealed class Evaluator(MixtralModel model, ISampleSource validation, Reci
         if (samples % stride != 0)
             throw new UserError($"Evaluation with pipeline stages needs whole micro-batches: EvalIters × GlobalBatchSize ({samples}) is not a multiple of MicroBatchSize × data parallel ({stride}).");
         using var scope = torch.NewDisposeScope();
-        var context = model.Context ?? new ContextParallel(rank.Groups.Cp);
         MicroBatchInputs Read(int m)
         {
             int first = dp.Rank * b + m * stride;
