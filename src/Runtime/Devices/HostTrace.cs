@@ -24,6 +24,7 @@ public static class HostTrace
 
     public static void Mark(string point)
     {
+        MemoryTrace.Mark(point);
         if (!Enabled) return;
         lock (Marks) Marks.Add((point, Clock.Elapsed.TotalMilliseconds - _start));
     }

@@ -64,6 +64,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
         {
             var (rows, gu, gateUp, down, offsets) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
             var sinks = (ExpertGradientSinks)ctx.get_data("sinks");
+            Devices.MemoryTrace.Mark("experts' backward");
             // Each intermediate goes as soon as it has been used: ∂act, then act, then ∂gu.
             var dAct = Kernels.GroupedMm(dOut, down, offsets);
             var (dGu, act) = SwiGluKernels.Applies(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
@@ -73,6 +74,7 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
             Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets), sinks.GateUp);
             var dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
+            Devices.MemoryTrace.Mark("experts' backward done");
             return [dRows, null!, null!, null!, null!];
         });
 

@@ -89,9 +89,10 @@ public static class ParameterInit
             param.fill_(1.0);
             return;
         }
+        var device = param.device;
         if (!p.IsExpert)
         {
-            var whole = Normal(p.Shard.GlobalShape, Seed(seed, p.Name, -1), std);
+            var whole = Normal(p.Shard.GlobalShape, Seed(seed, p.Name, -1), std, device);
             param.copy_(p.Shard.Slice(whole).reshape(param.shape));
             return;
         }
@@ -102,15 +103,24 @@ public static class ParameterInit
         for (long e = 0; e < p.Shard.LocalShape[0]; e++)
         {
             long global = p.Shard.Offsets[0] + e;
-            var whole = Normal(expertShape, Seed(seed, p.Name, global), std);
+            var whole = Normal(expertShape, Seed(seed, p.Name, global), std, device);
             local[e].copy_(perExpert.Slice(whole));
         }
     }
 
-    private static Tensor Normal(long[] shape, ulong seed, double std)
+    /// <summary>
+    /// normal(0, std) drawn on <paramref name="device"/>'s kind of generator: a CPU generator of its own on the CPU; on a
+    /// GPU, CUDA's default generator seeded with <paramref name="seed"/> just before the draw (a CPU draw of 8x22B's experts
+    /// took minutes, and TorchSharp's Generator is CPU-only). The two kinds give different numbers for one seed, so a
+    /// model is the same across layouts of one device kind, not between a CPU and a GPU run. Nothing draws from CUDA's
+    /// default generator after initialisation (no dropout, no router jitter), so reseeding it here changes nothing else.
+    /// </summary>
+    private static Tensor Normal(long[] shape, ulong seed, double std, Device device)
     {
-        var generator = new torch.Generator(seed);
-        return torch.randn(shape, dtype: ScalarType.Float32, generator: generator).mul_(std);
+        if (device.type != DeviceType.CUDA)
+            return torch.randn(shape, dtype: ScalarType.Float32, generator: new torch.Generator(seed)).mul_(std);
+        torch.cuda.manual_seed_all(unchecked((long)seed));
+        return torch.randn(shape, dtype: ScalarType.Float32, device: device).mul_(std);
     }
 
     /// <summary>FNV-1a over "seed/name/index": a stable 64-bit seed per parameter and expert.</summary>

@@ -95,6 +95,7 @@ public sealed class RotaryQkv : torch.autograd.SingleTensorFunction<RotaryQkv>
         ManagedBackward.Run(Name, 5, ctx, gradBSW, (saved, g) =>
         {
             var shape = ((long, long, long))ctx.get_data("shape");
+            Devices.MemoryTrace.Mark("attention's backward (RoPE)");
             var dx = ManagedBackward.Keep(torch.empty_like(g));
             Launch("rope_backward", g, saved[0], saved[1], dx, shape);
             return [dx, null!, null!, null!, null!];

@@ -43,8 +43,13 @@ public static class BenchCommand
     /// <param name="Context">Context-parallel size: each sequence is cut over that many ranks (<see cref="ContextParallel"/>).</param>
     /// <param name="Pipeline">Pipeline-parallel size: stages run Megatron's 1F1B schedule over the micro-batches, with Megatron's per-layer aux loss.</param>
     /// <param name="Recompute">Activation recompute (Megatron's --recompute-* flags); null: none.</param>
+    /// <param name="Optimizer">Also run the distributed optimizer's step (Adam, fp32 master weights and moments): a whole
+    /// training step, the memory the plan estimates. Needs <paramref name="MainGrads"/>.</param>
+    /// <param name="AllocatorStats">Read the caching allocator's own statistics (<see cref="CudaAllocatorStats"/>): peak bytes
+    /// allocated to tensors in the forward and in the whole step, and peak reserved.</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
-        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1, int Pipeline = 1, Dsl.Recompute? Recompute = null);
+        int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1, int Pipeline = 1, Dsl.Recompute? Recompute = null,
+        bool Optimizer = false, bool AllocatorStats = false);
 
     public const double PeakTflops = 790;
 
@@ -54,6 +59,8 @@ public static class BenchCommand
             throw new UserError("--layers, --micro-batch-size, --micro-batches and --iters must be at least 1 and --seq at least 2.");
         if (r.Gpus < 1 || r.Expert < 1 || r.Gpus % r.Expert != 0)
             throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --ep {r.Expert}.");
+        if (r.Optimizer && !r.MainGrads)
+            throw new UserError("--optimizer true steps the distributed optimizer on the fp32 main gradients; it needs --main-grads true.");
         if (!r.MainGrads && r.Gpus > 1)
             throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
@@ -103,7 +110,12 @@ public static class BenchCommand
     }
 
     /// <summary>What one rank measured: the median step and the device memory in use (the largest over the ranks).</summary>
-    private sealed record RankResult(double StepSeconds, double? MemoryGiB, MixtralConfig Config);
+    /// <param name="StepSeconds">The median step, the slowest rank's.</param>
+    /// <param name="MemoryGiB">Device memory in use after the steps, the largest over the ranks.</param>
+    /// <param name="Config">The model's configuration.</param>
+    /// <param name="Allocator">Peak GiB allocated to tensors in the forward, in the whole step, and peak reserved (the largest over
+    /// the timed steps and the ranks), and allocated when the first forward returned, with --allocator-stats.</param>
+    private sealed record RankResult(double StepSeconds, double? MemoryGiB, MixtralConfig Config, (double Forward, double Step, double Reserved, double AfterForward)? Allocator);
 
     private static Dsl.Model Preset(string model) => model switch
     {
@@ -132,6 +144,14 @@ public static class BenchCommand
         model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);
         var parameters = model.ParametersInForwardOrder().ToList();
         var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
+        using var optimizer = r.Optimizer ? new DistributedOptimizer(buffers, rank.Groups.World, new AdamSettings(0.9, 0.95, 1e-8, 0.1), sharded: true) : null;
+        // Allocator peaks: the forward's and the whole step's bytes allocated to tensors, and bytes reserved, per timed step.
+        bool stats = r.AllocatorStats && device.type == DeviceType.CUDA;
+        var forwardPeaks = new List<double>();
+        var stepPeaks = new List<double>();
+        double reservedPeak = 0, heldAfterForward = -1;
+        double Gib(long bytes) => bytes / (double)(1L << 30);
+        CudaAllocatorStats.Stats ReadStats() => CudaAllocatorStats.Read(out var why) ?? throw new UserError($"--allocator-stats: {why}.");
         // The cp ranks of one data-parallel rank draw the same sequences (seeded by the data-parallel rank) and keep their chunks.
         var generator = new torch.Generator((ulong)(1000 + rank.Groups.Dp.Rank));
         using var wholeIds = torch.randint(0, config.VocabSize, new long[] { r.MicroBatch, r.Seq }, generator: generator).to(device);
@@ -151,6 +171,9 @@ public static class BenchCommand
             HostTrace.Start();
             foreach (var b in buffers) b.BindGradients();
             if (!r.MainGrads) foreach (var p in model.parameters()) p.grad = null;
+            // After the last step's gradients are gone (the baseline sets them to None before its next step too).
+            if (stats && !CudaAllocatorStats.ResetPeaks(out var whyNot)) throw new UserError($"--allocator-stats: {whyNot}.");
+            MemoryTrace.Start();
             if (stage.Stages > 1)
             {
                 using var _ = torch.NewDisposeScope();
@@ -166,6 +189,12 @@ public static class BenchCommand
                 using var _ = torch.NewDisposeScope();
                 var o = model.Forward(ids, labels, mask, returnLogits: false);
                 if (m == 0) forwardMs.Add(watch.Elapsed.TotalMilliseconds);
+                if (m == 0 && stats)
+                {
+                    var afterForward = ReadStats();
+                    forwardPeaks.Add(Gib(afterForward.AllocatedPeak));
+                    heldAfterForward = Gib(afterForward.AllocatedCurrent);
+                }
                 ((o.LmLoss! * lmFactor + cp.Size * config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
                 ManagedBackward.Complete();
                 foreach (var b in buffers) b.AccumulateMicroBatch();
@@ -173,7 +202,14 @@ public static class BenchCommand
             HostTrace.Mark("backward returned");
             Trainer.SumReplicatedGradients(model, parameters, buffers);
             foreach (var b in buffers) b.Reduce(sharded: true);
+            if (optimizer is not null) optimizer.Step(1e-5, Math.Min(1, 1 / Math.Max(optimizer.GradientNorm(), 1e-6)));
             backwardMs.Add(watch.Elapsed.TotalMilliseconds);
+            if (stats)
+            {
+                var now = ReadStats();
+                stepPeaks.Add(Gib(now.AllocatedPeak));
+                reservedPeak = Math.Max(reservedPeak, Gib(now.ReservedPeak));
+            }
         }
 
         void Sync()
@@ -186,6 +222,8 @@ public static class BenchCommand
         rank.Groups.World.Barrier();
         forwardMs.Clear();
         backwardMs.Clear();
+        forwardPeaks.Clear();
+        stepPeaks.Clear();
         int collections = GC.CollectionCount(0);
         var times = new List<double>();
         var traces = new List<IReadOnlyList<(string Point, double Ms)>>();
@@ -198,6 +236,7 @@ public static class BenchCommand
             waitMs.Add(watch.Elapsed.TotalMilliseconds - backwardMs[^1]);
             if (HostTrace.Enabled) traces.Add(HostTrace.Snapshot());
         }
+        if (MemoryTrace.Enabled) diagnostics?.WriteLine("memory trace of the last step (GiB allocated now/peak since the previous point): " + MemoryTrace.Describe());
         if (traces.Count > 0)
         {
             // Median time of each point over the timed steps (points in their order within a step).
@@ -215,10 +254,11 @@ public static class BenchCommand
         foreach (var b in buffers) b.Dispose();
         // The step time and memory every rank agrees on: the slowest rank's median, the largest memory.
         double? memory = device.type == DeviceType.CUDA ? CudaMemory.InUseGiB() : null;
-        using var mine = torch.tensor(new double[] { Median(times), memory ?? -1 }, device: rank.Groups.World.DeviceForScalars);
+        using var mine = torch.tensor(new double[] { Median(times), memory ?? -1, forwardPeaks.Count > 0 ? forwardPeaks.Max() : -1, stats ? stepPeaks.Max() : -1, stats ? reservedPeak : -1, heldAfterForward },
+            device: rank.Groups.World.DeviceForScalars);
         rank.Groups.World.AllReduce(mine, Distributed.ReduceOp.Max);
         var v = mine.cpu().data<double>().ToArray();
-        return new RankResult(v[0], v[1] < 0 ? null : v[1], config);
+        return new RankResult(v[0], v[1] < 0 ? null : v[1], config, stats ? (v[2], v[3], v[4], v[5]) : null);
     }
 
     private static int Report(Request r, RankResult result, TextWriter output)
@@ -249,7 +289,21 @@ public static class BenchCommand
             ["mfu"] = flops / (PeakTflops * 1e12),
             // Device memory in use after the steps (peak reserved + context), the largest over the ranks.
             ["max_mem_gb"] = result.MemoryGiB,
+            ["optimizer"] = r.Optimizer,
         };
+        if (result.Allocator is var (forward, step, reserved, afterForward))
+        {
+            // The caching allocator's peaks (GiB): tensors in the forward (-1 under pipelining, whose forwards interleave
+            // with backwards), tensors in the whole step, and reserved from the device (max_mem_gb less the CUDA context).
+            json["alloc_forward_peak_gb"] = forward < 0 ? null : forward;
+            json["alloc_after_forward_gb"] = afterForward < 0 ? null : afterForward;
+            json["alloc_peak_gb"] = step;
+            json["reserved_peak_gb"] = reserved;
+        }
+        // What the plan's estimate (docs/memory.md) says this rank holds, term by term in GiB, for what the bench runs.
+        var estimate = BenchEstimate.For(r, result.Config);
+        json["estimate_gb"] = estimate.Total;
+        json["estimate_terms_gb"] = estimate.Terms;
         output.WriteLine(JsonSerializer.Serialize(json));
         return 0;
     }

@@ -34,8 +34,18 @@ public sealed class BenchCommandDefinition
                 "in the parameters' bf16 .grad (false, one GPU: the transformers baseline's protocol).",
             DefaultValueFactory = _ => true,
         };
+        Optimizer = new Option<bool>("--optimizer")
+        {
+            Description = "Also step the distributed optimizer (Adam with fp32 master weights and moments): a whole training step, " +
+                "the memory `moe plan` estimates (needs --main-grads true).",
+        };
+        AllocatorStats = new Option<bool>("--allocator-stats")
+        {
+            Description = "Report the CUDA caching allocator's peaks (bytes allocated to tensors in the forward and the step, bytes reserved), " +
+                "read through PyTorch 2.11's allocator object (docs/performance.md).",
+        };
         Recompute = new RecomputeOptions(Dsl.Recompute.Off);
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline }.Concat(Recompute.All)) Command.Options.Add(o);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline, Optimizer, AllocatorStats }.Concat(Recompute.All)) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -53,6 +63,8 @@ public sealed class BenchCommandDefinition
     public Option<bool> MainGrads { get; }
     public Option<int> Tensor { get; }
     public Option<int> Pipeline { get; }
+    public Option<bool> Optimizer { get; }
+    public Option<bool> AllocatorStats { get; }
 
     /// <summary>Megatron's <c>--recompute-granularity/-method/-num-layers/-modules</c>, to measure what recompute costs and saves.</summary>
     public RecomputeOptions Recompute { get; }

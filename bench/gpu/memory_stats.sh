@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 17, where the memory goes (one H200, under 9.5 minutes): (0) allocator_abi.sh checks, from the host's PyTorch
+# headers, the allocator layout `moe bench --allocator-stats` reads; (1) at the shapes where Moe held more than transformers
+# and around them, both systems' allocator peaks per phase (ours `--allocator-stats`, theirs `hf_phases.py`), the
+# baseline's protocol; (2) with MEMORY_STATS_PART=calibrate instead, the plan's estimate against a whole training step
+# (`--optimizer true`, fp32 main gradients) at the benchmark shapes that fit; (3) the 8x22B 4-layer shapes of the table.
+# One labelled JSON line per run in $OUT/memory.jsonl, the log in $OUT/memory.log.
+. .gpu/common.sh
+LIMIT=${LIMIT:-560}
+log() { echo "$*" | tee -a $OUT/memory.log; }
+run() {   # run <seconds> <label> <command...>: its JSON lines, labelled, into memory.jsonl, or a line saying why not
+  local t=$1 label=$2; shift 2
+  if (( SECONDS + 25 > LIMIT )); then log "skipped ($SECONDS s spent): $label"; return; fi
+  log "== $label ($SECONDS s)"
+  local out; out=$(timeout $t "$@" 2>>$OUT/memory.log); local rc=$?
+  local lines; lines=$(echo "$out" | grep '^{')
+  if [ $rc -eq 0 ] && [ -n "$lines" ]; then
+    echo "$lines" | while read -r line; do echo "{\"label\":\"$label\",${line#\{}"; done | tee -a $OUT/memory.jsonl
+  else log "failed (exit $rc$( [ $rc -eq 124 ] && echo ', timed out')): $label"; fi
+}
+abi=$(bash .gpu/allocator_abi.sh 2>&1); log "allocator ABI: $abi"
+STATS=""
+case "$abi" in *'"get_device_stats_slot":9,"reset_peak_stats_slot":11,"type":"N3c104cuda20CUDACachingAllocator6Native22NativeCachingAllocatorE","sizeof_stats":976,"sizeof_stat":32,"off_current":0,"off_peak":8,"off_allocated_bytes":384,"off_reserved_bytes":480,"off_active_bytes":576,"off_requested_bytes":768,"off_num_alloc_retries":864'*) STATS="--allocator-stats true" ;;
+  *) log "the allocator layout differs from what CudaAllocatorStats reads: no allocator statistics" ;; esac
+ours() { run 90 "moe $*" $M bench --iters 3 $STATS "$@"; }
+part=${MEMORY_STATS_PART:-phases}
+# MEMORY_STATS_PART=both runs ours of (1) and (3) (OURS_ONLY=1: transformers' were measured in an earlier call), then (2).
+if [ "$part" = phases ] || [ "$part" = both ]; then
+  for shape in "8x7b 4 8192" "8x7b 2 8192" "8x22b 2 8192" "8x7b 4 4096" "8x7b 4 16384"; do
+    set -- $shape
+    ours --main-grads false --model $1 --layers $2 --seq $3
+    [ -z "${OURS_ONLY:-}" ] && run 90 "hf-phases $shape" python3 .gpu/hf_phases.py --model $1 --layers $2 --seq $3
+  done
+  for seq in 4096 8192 16384; do
+    ours --main-grads false --model 8x22b --layers 4 --seq $seq
+    [ -z "${OURS_ONLY:-}" ] && run 120 "hf 8x22b 4 $seq" python3 .gpu/hf_mem.py --iters 3 --model 8x22b --layers 4 --seq $seq
+  done
+fi
+if [ "$part" = calibrate ] || [ "$part" = both ]; then
+  for shape in "8x7b 2 4096" "8x7b 2 8192" "8x7b 2 16384" "8x7b 4 4096" "8x7b 4 8192" "8x22b 2 4096" "8x22b 2 8192" "8x22b 2 16384" "8x7b 4 16384"; do
+    set -- $shape
+    ours --optimizer true --model $1 --layers $2 --seq $3
+  done
+fi
+log "done in $SECONDS s"
