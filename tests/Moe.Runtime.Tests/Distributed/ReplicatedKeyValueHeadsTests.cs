@@ -119,6 +119,21 @@ public class ReplicatedKeyValueHeadsTests : IDisposable
         }
     }
 
+    /// <summary>
+    /// <c>--simulate</c> shrinks Mixtral 8x7B (32 heads, 8 key-value heads) but keeps the key-value heads when Tensor
+    /// exceeds them, so the simulation replicates them as the job will; below 8 it keeps one group per tensor rank.
+    /// </summary>
+    [Theory]
+    [InlineData(16, 32, 8)]
+    [InlineData(2, 8, 2)]
+    public void SimulationOfTensorBeyondTheKeyValueHeads_KeepsThemReplicated(int tp, int heads, int keyValueHeads)
+    {
+        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = tp, Tensor = tp, SequenceParallel = true, Expert = 1 }) with { Model = Model.Mixtral8x7B };
+        var m = SimulationPlan.For(s, dataExists: true).Settings.Model;
+        Assert.Equal((heads, keyValueHeads), (m.AttentionHeads, m.KeyValueHeads));
+        Assert.DoesNotContain(RuleSet.Validate(s with { Model = m }), f => f.Rule.Id is DiagnosticIds.TensorIncompatibleWithKeyValueHeads or DiagnosticIds.TensorNotDividingHeads);
+    }
+
     [Theory]
     [InlineData(6, 12, 4, 96, 1002, "Tensor (6) must divide the 12 attention heads, and Tensor and the 4 key-value heads must divide one another", "1, 2, 4, 12")]   // TP > Nkv, not a multiple
     [InlineData(4, 6, 2, 96, 1000, "Tensor (4) must divide the 6 attention heads, and Tensor and the 2 key-value heads must divide one another", "1, 2, 6")]      // TP a multiple of Nkv, heads not divisible
