@@ -113,14 +113,21 @@ public static class CheckpointReader
                 Fill(target, BlockRange.Whole(geometry), byKey[(TensorBlock.Weight, h.Key)], files, $"weight '{h.Key}'");
                 bytes += target.NumberOfElements * target.ElementSize;
             }
-            var shards = trainer.Parameters.ToDictionary(p => p.Name, p => p.Shard, StringComparer.Ordinal);
+            var parameters = trainer.Parameters.ToDictionary(p => p.Name, StringComparer.Ordinal);
             foreach (var slice in trainer.Optimizer.StateSlices())
             {
                 using var scope = torch.NewDisposeScope();
-                var range = BlockRange.Of(shards[slice.Entry.Name], slice.BlockStart, slice.BlockStart + slice.Length);
                 var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
-                for (int k = 0; k < states.Length; k++)
-                    Fill(states[k], range, byKey[(TensorBlock.OptimizerKinds[k], slice.Entry.Name)], files, $"{TensorBlock.OptimizerKinds[k]} of '{slice.Entry.Name}'");
+                // Each piece of the parameter the slice covers (one, or a q/k/v weight's two with replicated key-value heads).
+                foreach (var piece in parameters[slice.Entry.Name].Blocks)
+                {
+                    long from = Math.Max(slice.BlockStart, piece.Start), to = Math.Min(slice.BlockStart + slice.Length, piece.Start + piece.Length);
+                    if (from >= to) continue;
+                    var range = BlockRange.Of(piece.Block, from - piece.Start, to - piece.Start);
+                    for (int k = 0; k < states.Length; k++)
+                        Fill(states[k].narrow(0, from - slice.BlockStart, to - from), range, byKey[(TensorBlock.OptimizerKinds[k], slice.Entry.Name)], files,
+                            $"{TensorBlock.OptimizerKinds[k]} of '{slice.Entry.Name}'");
+                }
                 bytes += 3 * 4 * slice.Length;
             }
         }

@@ -176,14 +176,14 @@ public static class CheckpointWriter
         var owner = new Dictionary<object, (GradientBuffer Buffer, BufferEntry Entry)>(ReferenceEqualityComparer.Instance);
         foreach (var b in trainer.Buffers)
             foreach (var e in b.Entries) owner[e.Parameter] = (b, e);
-        var shards = trainer.Parameters.ToDictionary(p => p.Name, p => p.Shard, StringComparer.Ordinal);
+        var parameters = trainer.Parameters.ToDictionary(p => p.Name, StringComparer.Ordinal);
         var tensors = new List<PendingTensor>();
         var blocks = new List<TensorBlock>();
         string weightDtype = SafetensorsFile.DtypeName(trainer.Model.Dtype);
         foreach (var h in MixtralStateDictAdapter.HubTensors(trainer.Model))
         {
             var (buffer, entry) = owner[h.Parameter];
-            if (buffer.Group.Rank != 0 || !entry.CountedInNorm) continue;   // a replica another rank writes
+            if (buffer.Group.Rank != 0 || !entry.CountedInNorm || h.Duplicate) continue;   // a replica another rank writes
             var shape = h.BlockShape;   // in the hub tensor's layout (q/k/v: rows, not the grouped view)
             var geometry = h.Block ?? TensorShard.Whole(shape);
             var hub = h;
@@ -193,15 +193,24 @@ public static class CheckpointWriter
         foreach (var slice in trainer.Optimizer.StateSlices())
         {
             if (!trainer.Optimizer.WritesStateOf(slice.Buffer) || !slice.Entry.CountedInNorm) continue;
-            var shard = shards[slice.Entry.Name];
-            var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
-            for (int k = 0; k < states.Length; k++)
+            // One block per piece of the parameter the slice covers (a q/k/v weight with replicated key-value heads has
+            // two; its shared key/value piece is written by the group's first rank only).
+            var parameter = parameters[slice.Entry.Name];
+            for (int i = 0; i < parameter.Blocks.Count; i++)
             {
-                string kind = TensorBlock.OptimizerKinds[k], name = $"optimizer.{kind}.{slice.Entry.Name}";
-                var state = states[k];
-                tensors.Add(new PendingTensor(name, ScalarType.Float32, [slice.Length], () => state));
-                blocks.Add(new TensorBlock(file, name, kind, slice.Entry.Name, "F32", shard.GlobalShape, shard.LocalShape, shard.Offsets,
-                    slice.BlockStart, slice.BlockStart + slice.Length));
+                var piece = parameter.Blocks[i];
+                long from = Math.Max(slice.BlockStart, piece.Start), to = Math.Min(slice.BlockStart + slice.Length, piece.Start + piece.Length);
+                if (from >= to || piece.IsDuplicate) continue;
+                string suffix = parameter.Pieces is null ? "" : $"#{i}";
+                var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
+                for (int k = 0; k < states.Length; k++)
+                {
+                    string kind = TensorBlock.OptimizerKinds[k], name = $"optimizer.{kind}.{slice.Entry.Name}{suffix}";
+                    var state = states[k].narrow(0, from - slice.BlockStart, to - from);
+                    tensors.Add(new PendingTensor(name, ScalarType.Float32, [to - from], () => state));
+                    blocks.Add(new TensorBlock(file, name, kind, slice.Entry.Name, "F32", piece.Block.GlobalShape, piece.Block.LocalShape, piece.Block.Offsets,
+                        from - piece.Start, to - piece.Start));
+                }
             }
         }
         var metadata = new Dictionary<string, string> { [MoeCheckpoint.BlocksKey] = JsonSerializer.Serialize(blocks, MoeCheckpoint.Json) };

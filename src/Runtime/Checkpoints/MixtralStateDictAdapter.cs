@@ -22,6 +22,12 @@ public sealed record HubTensor(string Key, TorchSharp.Modules.Parameter Paramete
     /// <summary>Whether this rank holds only part of the hub tensor.</summary>
     public bool IsPartial => Block is { IsWhole: false };
 
+    /// <summary>
+    /// Whether another tensor rank holds the same block and writes it (replicated key-value heads, Megatron R017: the
+    /// k/v rows of a group on every rank of the group but the first). Loading fills it all the same.
+    /// </summary>
+    public bool Duplicate { get; init; }
+
     /// <summary>The shape this rank's block has in the hub tensor's layout.</summary>
     public long[] BlockShape => HubShape ?? Block?.LocalShape ?? Slice(Parameter).shape;
 
@@ -71,17 +77,22 @@ public static class MixtralStateDictAdapter
             list.Add(new(p + "input_layernorm.weight", layer.InputNorm, t => t));
             list.Add(new(p + "post_attention_layernorm.weight", layer.PostAttentionNorm, t => t));
             // q/k/v live in Megatron's grouped layout [g, r + 2, d, H]: each hub tensor is a view of it, and under tensor
-            // parallelism this rank's block of a hub tensor is its g groups' rows (o_proj: the same heads' columns).
+            // parallelism this rank's block of a hub tensor is its g groups' rows (o_proj: the same heads' columns). With
+            // replicated key-value heads (TP > Nkv, R017) the rank holds Nq/TP query heads and one group's k/v rows, which
+            // the group's first rank writes.
             var a = layer.SelfAttention;
+            var tp = model.TensorParallel;
             int g = a.Groups, r = a.QueryHeadsPerGroup, d = a.HeadDim;
-            long firstGroup = (long)model.TensorRank * g, h = c.HiddenSize, groups = c.KeyValueHeads;
-            bool split = model.TensorSize > 1;
-            TensorShard? Rows(int heads) => split ? new TensorShard([groups * heads * d, h], [(long)g * heads * d, h], [firstGroup * heads * d, 0]) : null;
-            TensorShard? heads = split ? new TensorShard([h, groups * r * d], [h, (long)g * r * d], [0, firstGroup * r * d]) : null;
-            list.Add(new(p + "self_attn.k_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r, 1), Rows(1), [(long)g * d, h]));
+            long h = c.HiddenSize, queryHeads = (long)g * r, firstQuery = tp.Rank * queryHeads;
+            long firstGroup = tp.KeyValueReplicas > 1 ? tp.KeyValueGroup : (long)tp.Rank * g;
+            bool split = model.TensorSize > 1, duplicate = tp.KeyValueReplicas > 1 && tp.Rank % tp.KeyValueReplicas != 0;
+            TensorShard? query = split ? new TensorShard([(long)c.Heads * d, h], [queryHeads * d, h], [firstQuery * d, 0]) : null;
+            TensorShard? keyValue = split ? new TensorShard([(long)c.KeyValueHeads * d, h], [(long)g * d, h], [firstGroup * d, 0]) : null;
+            TensorShard? heads = split ? new TensorShard([h, (long)c.Heads * d], [h, queryHeads * d], [0, firstQuery * d]) : null;
+            list.Add(new(p + "self_attn.k_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r, 1), keyValue, [(long)g * d, h]) { Duplicate = duplicate });
             list.Add(new(p + "self_attn.o_proj.weight", a.O, t => t, heads));
-            list.Add(new(p + "self_attn.q_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, 0, r), Rows(r), [(long)g * r * d, h]));
-            list.Add(new(p + "self_attn.v_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r + 1, 1), Rows(1), [(long)g * d, h]));
+            list.Add(new(p + "self_attn.q_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, 0, r), query, [queryHeads * d, h]));
+            list.Add(new(p + "self_attn.v_proj.weight", a.Qkv, t => a.GroupedView(t).narrow(1, r + 1, 1), keyValue, [(long)g * d, h]) { Duplicate = duplicate });
         }
         if (model.Stage.HoldsHead) list.Add(new("model.norm.weight", model.FinalNorm, t => t));
         return list;

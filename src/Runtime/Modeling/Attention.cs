@@ -5,7 +5,8 @@ using static TorchSharp.torch;
 namespace Moe.Runtime.Modeling;
 
 // Shapes: B batch, S sequence, H hidden, Nq query heads, Nkv key-value heads (groups), d head dim,
-// r = Nq/Nkv query heads per group, g key-value groups on this rank (Nkv / TP).
+// r = query heads per group on this rank (Nq/Nkv; Nq/TP when key-value heads are replicated), g key-value groups on
+// this rank (Nkv / TP, or 1 when TP > Nkv).
 
 /// <summary>
 /// Grouped-query self-attention with rotary embeddings (transformers MixtralAttention): q/k/v/o
@@ -24,6 +25,13 @@ namespace Moe.Runtime.Modeling;
 /// groups of the q/k/v projection and the matching Nq/TP·d input columns of the output projection; its output is
 /// a partial sum the caller reduces over the tensor-parallel group.
 /// </para>
+/// <para>
+/// With fewer key-value heads than tensor ranks (TP a multiple of Nkv, Megatron rule R017) each rank holds one group:
+/// its Nq/TP query heads — the contiguous block of rank t, all of which read key-value head t / (TP/Nkv) — and a copy
+/// of that group's key and value heads, so its local weight is [1, Nq/TP + 2, d, H] in the same grouped layout. The
+/// TP/Nkv ranks of a group hold identical replicas of its k/v rows (Megatron's attention.py replicates them the same
+/// way); the trainer sums their gradients over those ranks (<see cref="TensorParallel.KeyValueReplicas"/>).
+/// </para>
 /// </remarks>
 public sealed class Attention : nn.Module
 {
@@ -33,15 +41,19 @@ public sealed class Attention : nn.Module
     /// <param name="c">The config.</param>
     /// <param name="dtype">Parameter dtype.</param>
     /// <param name="device">Parameter device.</param>
-    /// <param name="tensorParallel">Tensor-parallel size: this rank holds Nkv / it groups.</param>
+    /// <param name="tensorParallel">Tensor-parallel size: this rank holds Nkv / it groups, or one (replicated) group when it exceeds Nkv.</param>
     public Attention(MixtralConfig c, ScalarType dtype, Device device, int tensorParallel = 1) : base("self_attn")
     {
         if (c.Heads % c.KeyValueHeads != 0)
             throw new UserError($"num_attention_heads ({c.Heads}) must be a multiple of num_key_value_heads ({c.KeyValueHeads}).");
-        if (c.KeyValueHeads % tensorParallel != 0)
-            throw new UserError($"num_key_value_heads ({c.KeyValueHeads}) is not divisible by Tensor ({tensorParallel}); replicating key-value heads over tensor-parallel ranks is not implemented, so choose Tensor dividing {c.KeyValueHeads}.");
-        groups = c.KeyValueHeads / tensorParallel;
-        perGroup = c.Heads / c.KeyValueHeads;
+        int tp = tensorParallel;
+        if (c.Heads % tp != 0 || (c.KeyValueHeads % tp != 0 && tp % c.KeyValueHeads != 0))
+            throw new UserError($"Tensor ({tp}) must divide the {c.Heads} attention heads, and Tensor and the {c.KeyValueHeads} key-value heads must divide one another " +
+                $"(each tensor rank holds whole key-value groups, or one replicated group when Tensor exceeds them; rules MOE0006/MOE0007, Megatron R014, R016, R017): " +
+                $"choose Tensor among {string.Join(", ", TensorParallel.ValidSizes(c))}.");
+        bool replicated = tp > c.KeyValueHeads;
+        groups = replicated ? 1 : c.KeyValueHeads / tp;
+        perGroup = replicated ? c.Heads / tp : c.Heads / c.KeyValueHeads;
         headDim = c.HeadDim;
         qkv_proj = new Parameter(torch.empty((long)groups * (perGroup + 2) * headDim, c.HiddenSize, dtype: dtype, device: device));
         o_proj = new Parameter(torch.empty(c.HiddenSize, (long)groups * perGroup * headDim, dtype: dtype, device: device));
@@ -57,7 +69,7 @@ public sealed class Attention : nn.Module
     /// <summary>Key-value groups on this rank (g).</summary>
     public int Groups => groups;
 
-    /// <summary>Query heads per group (r).</summary>
+    /// <summary>Query heads per group on this rank (r: Nq/Nkv, or Nq/TP when key-value heads are replicated).</summary>
     public int QueryHeadsPerGroup => perGroup;
 
     /// <summary>Head dimension (d).</summary>

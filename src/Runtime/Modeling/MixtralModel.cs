@@ -183,7 +183,13 @@ public sealed class MixtralModel : nn.Module
             var layer = layers[i];
             string prefix = $"model.layers.{LayerNumbers[i]}.";
             yield return Whole(prefix + "input_layernorm", layer.InputNorm);
-            yield return Split(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv, () => tp.QkvShard(layer.SelfAttention, Config.KeyValueHeads, hidden));
+            if (tp.KeyValueReplicas > 1)
+            {
+                // Replicated key-value heads (R017): the rank's query rows and its group's shared key/value rows.
+                var pieces = tp.QkvPieces(layer.SelfAttention, Config.Heads, Config.KeyValueHeads, hidden);
+                yield return new(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv, false, pieces[0].Block, pieces);
+            }
+            else yield return Split(prefix + "self_attn.qkv_proj", layer.SelfAttention.Qkv, () => tp.QkvShard(layer.SelfAttention, Config.KeyValueHeads, hidden));
             yield return Split(prefix + "self_attn.o_proj", layer.SelfAttention.O, () => tp.OutputShard(layer.SelfAttention, Config.Heads, hidden));
             yield return Whole(prefix + "post_attention_layernorm", layer.PostAttentionNorm);
             yield return Whole(prefix + "mlp.gate", layer.Moe.Gate);

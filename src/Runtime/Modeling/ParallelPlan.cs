@@ -63,12 +63,45 @@ public sealed record TensorShard(long[] GlobalShape, long[] LocalShape, long[] O
     }
 }
 
+/// <summary>
+/// A run of a parameter's elements that is one block of its whole tensor (<see cref="ModelParameter.Pieces"/>), and the
+/// tensor ranks that hold the same block.
+/// </summary>
+/// <param name="Start">First element in the local parameter, flattened.</param>
+/// <param name="Length">Elements.</param>
+/// <param name="Block">Its block of the whole tensor.</param>
+/// <param name="Set">Which set of tensor ranks holds the block (replicated key-value heads: the group), 0 … TP/<paramref name="Replicas"/> − 1.</param>
+/// <param name="Replica">This rank's index among the <paramref name="Replicas"/> ranks holding the block: the first counts it in the gradient norm and writes it in checkpoints.</param>
+/// <param name="Replicas">Tensor ranks holding the same block (1: this rank alone).</param>
+public sealed record ShardPiece(long Start, long Length, TensorShard Block, int Set = 0, int Replica = 0, int Replicas = 1)
+{
+    /// <summary>Whether other tensor ranks hold the same block: its gradient is summed over them.</summary>
+    public bool IsShared => Replicas > 1;
+
+    /// <summary>Whether another rank of the set counts and writes this block.</summary>
+    public bool IsDuplicate => Replica > 0;
+}
+
 /// <summary>A parameter of this rank's model: its layout-independent name, and whether and how it is sharded.</summary>
 /// <param name="Name">"model.layers.3.mlp.experts.gate_up" — the same on every rank and layout.</param>
 /// <param name="Parameter">The local parameter.</param>
 /// <param name="IsExpert">Expert weights: reduced over expert data parallel, not data parallel.</param>
-/// <param name="Shard">Its place in the whole tensor.</param>
-public sealed record ModelParameter(string Name, Parameter Parameter, bool IsExpert, TensorShard Shard);
+/// <param name="Shard">Its place in the whole tensor (with <paramref name="Pieces"/>: the first piece's).</param>
+/// <param name="Pieces">
+/// Null when the parameter is one block of the whole tensor (<paramref name="Shard"/>). Otherwise the blocks its
+/// flattened elements are made of, in order: under tensor parallel with replicated key-value heads (Megatron R017) a
+/// rank's q/k/v weight is its query heads' rows followed by its group's key and value rows, which other ranks share.
+/// </param>
+public sealed record ModelParameter(string Name, Parameter Parameter, bool IsExpert, TensorShard Shard, IReadOnlyList<ShardPiece>? Pieces = null)
+{
+    /// <summary>The blocks of the parameter (one, <see cref="Shard"/>, unless it has <see cref="Pieces"/>).</summary>
+    public IReadOnlyList<ShardPiece> Blocks => Pieces ?? [new ShardPiece(0, Parameter.NumberOfElements, Shard)];
+
+    /// <summary>This rank's elements of <paramref name="whole"/> (a tensor of the whole shape's elements) in the local parameter's shape.</summary>
+    public Tensor Slice(Tensor whole) => Pieces is null
+        ? Shard.Slice(whole).reshape(Parameter.shape)
+        : torch.cat(Pieces.Select(p => p.Block.Slice(whole).flatten()).ToArray()).view(Parameter.shape);
+}
 
 /// <summary>
 /// Seeded initialisation that gives every layout the same model: each parameter (and each expert of an expert
@@ -93,7 +126,7 @@ public static class ParameterInit
         if (!p.IsExpert)
         {
             var whole = Normal(p.Shard.GlobalShape, Seed(seed, p.Name, -1), std, device);
-            param.copy_(p.Shard.Slice(whole).reshape(param.shape));
+            param.copy_(p.Slice(whole));
             return;
         }
         // Experts: one generator per global expert, so an expert-parallel rank draws only its own experts.

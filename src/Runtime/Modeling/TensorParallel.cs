@@ -46,7 +46,11 @@ public sealed class TensorParallel
 {
     private readonly Communicator? _group;
 
-    private TensorParallel(Communicator? group) => _group = group;
+    private TensorParallel(Communicator? group, int keyValueReplicas = 1)
+    {
+        _group = group;
+        KeyValueReplicas = keyValueReplicas;
+    }
 
     /// <summary>The tensor parallelism of <paramref name="plan"/>'s rank (the identity without a plan or at TP 1).</summary>
     public static TensorParallel For(ParallelPlan? plan, MixtralConfig config)
@@ -58,11 +62,19 @@ public sealed class TensorParallel
         if (config.VocabSize % tp != 0)
             throw new UserError($"The vocabulary ({config.VocabSize} tokens) must be a multiple of Tensor ({tp}): each tensor rank holds VocabSize / Tensor rows of the embedding and LM head " +
                 $"({config.VocabSize} / {tp} = {config.VocabSize / (double)tp:G4}); choose Tensor dividing {config.VocabSize} or pad the tokenizer's vocabulary to a multiple of {tp}.");
-        if (config.Heads % tp != 0 || config.KeyValueHeads % tp != 0)
-            throw new UserError($"Tensor ({tp}) must divide the {config.Heads} attention heads and the {config.KeyValueHeads} key-value heads (each tensor rank holds whole key-value groups; " +
-                "replicating key-value heads when Tensor exceeds them is not implemented): choose Tensor dividing " + config.KeyValueHeads + ".");
-        return new TensorParallel(plan.Groups.Tp);
+        if (config.Heads % tp != 0 || (config.KeyValueHeads % tp != 0 && tp % config.KeyValueHeads != 0))
+            throw new UserError($"Tensor ({tp}) must divide the {config.Heads} attention heads, and Tensor and the {config.KeyValueHeads} key-value heads must divide one another " +
+                $"(each tensor rank holds whole key-value groups, or one replicated group when Tensor exceeds them; rules MOE0006/MOE0007, Megatron R014, R016, R017): " +
+                $"choose Tensor among {string.Join(", ", ValidSizes(config))}.");
+        return new TensorParallel(plan.Groups.Tp, Math.Max(1, tp / config.KeyValueHeads));
     }
+
+    /// <summary>
+    /// Tensor sizes the attention of <paramref name="config"/> can be split over: divisors of the heads that divide the
+    /// key-value heads or are a multiple of them (Megatron R014, R016, R017).
+    /// </summary>
+    public static IEnumerable<int> ValidSizes(MixtralConfig config) =>
+        Enumerable.Range(1, config.Heads).Where(t => config.Heads % t == 0 && (config.KeyValueHeads % t == 0 || t % config.KeyValueHeads == 0));
 
     /// <summary>The tensor-parallel group (TP &gt; 1 only).</summary>
     public Communicator Group => _group ?? throw new InvalidOperationException("No tensor-parallel group at TP 1.");
@@ -72,6 +84,15 @@ public sealed class TensorParallel
 
     /// <summary>This rank's index in the tensor-parallel group.</summary>
     public int Rank => _group?.Rank ?? 0;
+
+    /// <summary>
+    /// Tensor ranks holding each key-value group: TP / Nkv when TP exceeds the key-value heads (Megatron R017: each rank
+    /// holds one group, replicated over TP / Nkv consecutive ranks), else 1.
+    /// </summary>
+    public int KeyValueReplicas { get; }
+
+    /// <summary>The key-value group this rank holds a replica of (meaningful when <see cref="KeyValueReplicas"/> &gt; 1).</summary>
+    public int KeyValueGroup => Rank / KeyValueReplicas;
 
     /// <summary>This rank's rows of a vocabulary of <paramref name="vocab"/> tokens: [First, First + Count).</summary>
     public (long First, long Count) VocabRange(long vocab) => (Rank * (vocab / Size), vocab / Size);
@@ -107,8 +128,28 @@ public sealed class TensorParallel
     /// </summary>
     public TensorShard QkvShard(Attention a, int keyValueHeads, long hidden)
     {
+        if (KeyValueReplicas > 1) throw new InvalidOperationException("With replicated key-value heads the q/k/v weight is two blocks (QkvPieces).");
         long rows = (long)(a.QueryHeadsPerGroup + 2) * a.HeadDim;
         return new TensorShard([keyValueHeads * rows, hidden], [a.Groups * rows, hidden], [Rank * a.Groups * rows, 0]);
+    }
+
+    /// <summary>
+    /// Replicated key-value heads (<see cref="KeyValueReplicas"/> &gt; 1): this rank's q/k/v weight [(Nq/TP + 2)·d, H] as two
+    /// row blocks of the whole [Nkv·(R + 2)·d, H] (R = Nq/Nkv): the rows of its Nq/TP query heads inside group
+    /// k = <see cref="KeyValueGroup"/>, then that group's key and value rows, which the group's other ranks hold too.
+    /// </summary>
+    public IReadOnlyList<ShardPiece> QkvPieces(Attention a, int heads, int keyValueHeads, long hidden)
+    {
+        long d = a.HeadDim, wholeR = heads / keyValueHeads, groupRows = (wholeR + 2) * d, local = a.QueryHeadsPerGroup;
+        long groupStart = KeyValueGroup * groupRows, replica = Rank % KeyValueReplicas;
+        long[] whole = [keyValueHeads * groupRows, hidden];
+        var query = new TensorShard(whole, [local * d, hidden], [groupStart + replica * local * d, 0]);
+        var keyValue = new TensorShard(whole, [2 * d, hidden], [groupStart + wholeR * d, 0]);
+        return
+        [
+            new ShardPiece(0, local * d * hidden, query),
+            new ShardPiece(local * d * hidden, 2 * d * hidden, keyValue, KeyValueGroup, (int)replica, KeyValueReplicas),
+        ];
     }
 
     /// <summary>This rank's columns of o_proj [H, Nq·d]: the input columns of its query heads.</summary>
@@ -203,23 +244,46 @@ public sealed class TensorParallel
 
     /// <summary>
     /// Sums the gradients of the replicated parameters (<see cref="IsReplicated"/>) over TP in <paramref name="mainGrad"/>
-    /// (one all-reduce of them packed together), as Megatron's finalize_model_grads does for sequence-parallel weights.
+    /// (one all-reduce of them packed together), as Megatron's finalize_model_grads does for sequence-parallel weights,
+    /// and the gradients of the blocks held by a subset of the ranks (<paramref name="shared"/>: replicated key-value
+    /// heads) over that subset: in the same all-reduce each such block has one slot per set of ranks
+    /// (<see cref="ShardPiece.Set"/>), a rank adds its gradient to its set's slot only and reads that slot back.
     /// </summary>
     /// <param name="mainGrad">A flat gradient buffer.</param>
     /// <param name="ranges">(offset, elements) of each replicated parameter's gradient in it.</param>
-    public void SumReplicatedGradients(Tensor mainGrad, IReadOnlyList<(long Offset, long Length)> ranges)
+    /// <param name="shared">(offset in the buffer, piece) of each shared block; the same pieces in the same order on every tensor rank.</param>
+    public void SumReplicatedGradients(Tensor mainGrad, IReadOnlyList<(long Offset, long Length)> ranges, IReadOnlyList<(long Offset, ShardPiece Piece)>? shared = null)
     {
-        if (Size == 1 || ranges.Count == 0) return;
+        shared ??= [];
+        if (Size == 1 || ranges.Count + shared.Count == 0) return;
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        var packed = torch.cat(ranges.Select(r => mainGrad.narrow(0, r.Offset, r.Length)).ToArray());
-        Group.AllReduce(packed);
+        long replicatedLength = ranges.Sum(r => r.Length);
+        long total = replicatedLength + shared.Sum(s => s.Piece.Length * (Size / s.Piece.Replicas));
+        var packed = torch.zeros(total, dtype: mainGrad.dtype, device: mainGrad.device);
         long at = 0;
+        foreach (var (offset, length) in ranges)
+        {
+            packed.narrow(0, at, length).copy_(mainGrad.narrow(0, offset, length));
+            at += length;
+        }
+        var slots = new List<long>(shared.Count);
+        foreach (var (offset, piece) in shared)
+        {
+            long slot = at + piece.Set * piece.Length;
+            packed.narrow(0, slot, piece.Length).copy_(mainGrad.narrow(0, offset, piece.Length));
+            slots.Add(slot);
+            at += piece.Length * (Size / piece.Replicas);
+        }
+        Group.AllReduce(packed);
+        at = 0;
         foreach (var (offset, length) in ranges)
         {
             mainGrad.narrow(0, offset, length).copy_(packed.narrow(0, at, length));
             at += length;
         }
+        for (int i = 0; i < shared.Count; i++)
+            mainGrad.narrow(0, shared[i].Offset, shared[i].Piece.Length).copy_(packed.narrow(0, slots[i], shared[i].Piece.Length));
     }
 
     private long[] Equal(long rows) => Enumerable.Repeat(rows, Size).ToArray();

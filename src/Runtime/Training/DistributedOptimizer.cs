@@ -65,7 +65,7 @@ public sealed class DistributedOptimizer : IDisposable
                 var state = new ShardState(buffer, bucket, start, length,
                     flat.narrow(0, start, length).clone(),
                     Mask(buffer, start, length, e => e.Decays),
-                    Mask(buffer, start, length, e => e.CountedInNorm),
+                    NormMask(buffer, start, length),
                     countsInNorm: sharded || buffer.Group.Rank == 0);
                 _shards.Add(state);
             }
@@ -200,6 +200,19 @@ public sealed class DistributedOptimizer : IDisposable
             long from = Math.Max(e.Offset, start), to = Math.Min(e.Offset + e.Numel, start + length);
             if (from < to) mask.narrow(0, from - start, to - from).fill_(1);
         }
+        return mask;
+    }
+
+    /// <summary>The counted parameters' mask (<see cref="Mask"/>) with each entry's <see cref="BufferEntry.Uncounted"/> runs cleared.</summary>
+    private static Tensor NormMask(GradientBuffer buffer, long start, long length)
+    {
+        var mask = Mask(buffer, start, length, e => e.CountedInNorm);
+        foreach (var e in buffer.Entries)
+            foreach (var (first, count) in e.Uncounted)
+            {
+                long from = Math.Max(e.Offset + first, start), to = Math.Min(e.Offset + first + count, start + length);
+                if (from < to) mask.narrow(0, from - start, to - from).zero_();
+            }
         return mask;
     }
 

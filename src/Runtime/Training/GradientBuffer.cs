@@ -18,6 +18,12 @@ public sealed record BufferEntry(string Name, Parameter Parameter, long Offset, 
 {
     /// <summary>Elements of the parameter.</summary>
     public long Numel => Parameter.NumberOfElements;
+
+    /// <summary>
+    /// Runs (first element in the parameter, length) that another rank counts in the gradient norm although this rank
+    /// counts the rest (replicated key-value rows of a q/k/v weight); empty for most parameters.
+    /// </summary>
+    public IReadOnlyList<(long Start, long Length)> Uncounted { get; init; } = [];
 }
 
 /// <summary>A contiguous run of a buffer reduced by one collective: [Start, Start + Length), Length a multiple of the group size.</summary>
@@ -123,6 +129,17 @@ public sealed class GradientBuffer : IDisposable
     public Tensor? ModelGrad { get; }
 
     public IReadOnlyList<BufferEntry> Entries => _entries;
+
+    /// <summary>
+    /// Leaves runs of <paramref name="parameter"/>'s elements out of this rank's share of the gradient norm (another
+    /// tensor rank holds and counts the same elements: replicated key-value heads). Call before the optimizer is built.
+    /// </summary>
+    public void Uncount(Parameter parameter, IReadOnlyList<(long Start, long Length)> runs)
+    {
+        int i = _entries.FindIndex(e => ReferenceEquals(e.Parameter, parameter));
+        if (i < 0) throw new ArgumentException($"The {Name} gradient buffer does not hold this parameter.", nameof(parameter));
+        _entries[i] = _entries[i] with { Uncounted = [.. _entries[i].Uncounted, .. runs] };
+    }
 
     public IReadOnlyList<GradientBucket> Buckets => _buckets;
 

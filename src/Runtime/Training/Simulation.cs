@@ -33,7 +33,10 @@ public sealed record SimulationPlan(RecipeSettings Settings, IReadOnlyList<strin
         {
             int tp = p.Tensor;
             int ratio = Math.Max(1, m.AttentionHeads / Math.Max(1, m.KeyValueHeads));
-            int kv = Math.Max(1, tp);
+            // Tensor beyond the key-value heads keeps them (each rank a replica of one group, R017), so the simulation
+            // runs the replication the job will; otherwise one group per tensor rank.
+            bool replicated = m.KeyValueHeads > 0 && tp > m.KeyValueHeads && tp % m.KeyValueHeads == 0;
+            int kv = replicated ? m.KeyValueHeads : Math.Max(1, tp);
             int heads = kv * ratio;
             const int headDim = 8;
             int hidden = heads * headDim;

@@ -183,6 +183,9 @@ public sealed class Trainer : IDisposable
         var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), model.TensorParallel.CountsInNorm(p))).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
         var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale) };
+        // Replicated key-value heads: the key/value rows another rank of the group counts are left out of this rank's norm.
+        foreach (var p in parameters.Where(p => p.Pieces is not null && p.Pieces.Any(x => x.IsDuplicate)))
+            buffers[0].Uncount(p.Parameter, p.Pieces!.Where(x => x.IsDuplicate).Select(x => (x.Start, x.Length)).ToList());
         if (expert.Count > 0)
         {
             var experts = new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale, direct: true);
@@ -402,8 +405,11 @@ public sealed class Trainer : IDisposable
         var tp = model.TensorParallel;
         if (tp.Size == 1) return;
         var replicated = parameters.Where(tp.IsReplicated).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        // Replicated key-value heads (R017): each replica's k/v rows saw only its own query heads; summed over the group's ranks.
+        var shared = parameters.Where(p => p.Pieces is not null).ToDictionary(p => p.Name, p => p.Pieces!.Where(x => x.IsShared).ToList(), StringComparer.Ordinal);
         foreach (var buffer in buffers)
-            tp.SumReplicatedGradients(buffer.MainGrad, buffer.Entries.Where(e => replicated.Contains(e.Name)).Select(e => (e.Offset, e.Numel)).ToList());
+            tp.SumReplicatedGradients(buffer.MainGrad, buffer.Entries.Where(e => replicated.Contains(e.Name)).Select(e => (e.Offset, e.Numel)).ToList(),
+                buffer.Entries.Where(e => shared.ContainsKey(e.Name)).SelectMany(e => shared[e.Name].Select(x => (e.Offset + x.Start, x))).ToList());
     }
 
     /// <summary>

@@ -61,17 +61,25 @@ internal static class Resume
     {
         using var scope = torch.NewDisposeScope();
         using var _ = torch.no_grad();
-        var weights = trainer.Parameters.Select(p => new Part(p.Name, BlockRange.Whole(p.Shard), p.Parameter.detach().flatten().clone().DetachFromDisposeScope())).ToList();
-        var shards = trainer.Parameters.ToDictionary(p => p.Name, p => p.Shard);
+        // One part per block of a parameter: a q/k/v weight with replicated key-value heads has two, its k/v rows shared.
+        var weights = trainer.Parameters.SelectMany(p => p.Blocks.Select(b =>
+            new Part(p.Name, BlockRange.Whole(b.Block), p.Parameter.detach().flatten().narrow(0, b.Start, b.Length).clone().DetachFromDisposeScope()))).ToList();
+        var parameters = trainer.Parameters.ToDictionary(p => p.Name);
         var main = new List<Part>();
         var m = new List<Part>();
         var v = new List<Part>();
         foreach (var slice in trainer.Optimizer.StateSlices())
         {
-            var range = BlockRange.Of(shards[slice.Entry.Name], slice.BlockStart, slice.BlockStart + slice.Length);
-            main.Add(new Part(slice.Entry.Name, range, slice.Main.clone().DetachFromDisposeScope()));
-            m.Add(new Part(slice.Entry.Name, range, slice.ExpAvg.clone().DetachFromDisposeScope()));
-            v.Add(new Part(slice.Entry.Name, range, slice.ExpAvgSq.clone().DetachFromDisposeScope()));
+            foreach (var b in parameters[slice.Entry.Name].Blocks)
+            {
+                long from = Math.Max(slice.BlockStart, b.Start), to = Math.Min(slice.BlockStart + slice.Length, b.Start + b.Length);
+                if (from >= to) continue;
+                var range = BlockRange.Of(b.Block, from - b.Start, to - b.Start);
+                Part Of(Tensor state) => new(slice.Entry.Name, range, state.narrow(0, from - slice.BlockStart, to - from).clone().DetachFromDisposeScope());
+                main.Add(Of(slice.Main));
+                m.Add(Of(slice.ExpAvg));
+                v.Add(Of(slice.ExpAvgSq));
+            }
         }
         return new Snapshot(weights, main, m, v);
     }

@@ -54,8 +54,8 @@ public class ParallelEquivalenceTests
     private static void AssertClose(double expected, double actual, double relative, string what) =>
         Assert.True(Math.Abs(expected - actual) <= relative * Math.Abs(expected), $"{what}: {actual:R} vs one device {expected:R}");
 
-    /// <summary>Runs <paramref name="layout"/> and the one-device run of the same settings and compares them.</summary>
-    internal static void AssertEqualsOneDevice(RecipeSettings layout)
+    /// <summary>Runs <paramref name="layout"/> and the one-device run of the same settings and compares them; returns both runs.</summary>
+    internal static (RankRun One, RankRun[] Ranks) AssertEqualsOneDevice(RecipeSettings layout)
     {
         var one = Train(layout with { Parallelism = new Parallelism { Gpus = 1 } }).Single();
         var ranks = Train(layout);
@@ -72,12 +72,13 @@ public class ParallelEquivalenceTests
             foreach (var p in run.Parameters)
             {
                 var whole = one.Gradients[p.Name];
-                var expected = p.Shard.Slice(whole).reshape(p.Parameter.shape);
+                var expected = p.Slice(whole);
                 var actual = run.Gradients[p.Name];
                 double error = (actual - expected).norm().item<float>(), scale = expected.norm().item<float>();
                 Assert.True(error <= 1e-5 * Math.Max(scale, 1e-12), $"rank {r}: gradient of {p.Name}: relative error {error / scale:E2}");
             }
         }
+        return (one, ranks);
     }
 
     [Theory]

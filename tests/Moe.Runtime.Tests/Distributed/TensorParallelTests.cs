@@ -75,7 +75,7 @@ public class TensorParallelTests : IDisposable
 
     [Theory]
     [InlineData(999, 4, 2, "The vocabulary (999 tokens) must be a multiple of Tensor (2)")]
-    [InlineData(1000, 2, 1, "Tensor (2) must divide the 2 attention heads and the 1 key-value heads")]
+    [InlineData(1000, 6, 3, "Tensor (2) must divide the 6 attention heads, and Tensor and the 3 key-value heads must divide one another")]
     public void LayoutNotDividingTheModel_IsAUserErrorNamingTheNumbers(int vocab, int heads, int kvHeads, string expected)
     {
         var config = MixtralConfig.From(Model.TinyMixtral with { VocabSize = vocab, AttentionHeads = heads, KeyValueHeads = kvHeads, HiddenSize = 64 });
