@@ -36,6 +36,11 @@ if [ "$part" = phases ] || [ "$part" = both ]; then
     [ -z "${OURS_ONLY:-}" ] && run 120 "hf 8x22b 4 $seq" python3 .gpu/hf_mem.py --iters 3 --model 8x22b --layers 4 --seq $seq
   done
 fi
+if [ "$part" = trace ] || [ "$part" = calibrate ]; then
+  # Where the step's peak falls: allocated now / peak since the previous point, at every point of the last step.
+  MOE_MEMORY_TRACE=1 run 90 "moe trace 8x7b 4 8192" $M bench --iters 1 --main-grads false --model 8x7b --layers 4 --seq 8192
+  grep "memory trace" $OUT/memory.log | tail -1 | tr -s ' ' | sed 's/  /\n/g' > $OUT/trace.txt
+fi
 if [ "$part" = calibrate ] || [ "$part" = both ]; then
   for shape in "8x7b 2 4096" "8x7b 2 8192" "8x7b 2 16384" "8x7b 4 4096" "8x7b 4 8192" "8x22b 2 4096" "8x22b 2 8192" "8x22b 2 16384" "8x7b 4 16384"; do
     set -- $shape

@@ -48,28 +48,32 @@ public sealed class DistributedOptimizer : IDisposable
     private readonly Communicator _world;
     private readonly AdamSettings _adam;
     private int _step;
+    private readonly long _chunkElements;
 
-    public DistributedOptimizer(IReadOnlyList<GradientBuffer> buffers, Communicator world, AdamSettings adam, bool sharded)
+    /// <param name="buffers">The gradient buffers whose shards this rank updates.</param>
+    /// <param name="world">All ranks (the gradient norm is summed over them).</param>
+    /// <param name="adam">Adam's hyper-parameters.</param>
+    /// <param name="sharded">Megatron's distributed optimizer (state sharded over each buffer's group), or whole buckets on every member.</param>
+    /// <param name="chunkElements">Elements per operation of the element-wise loops: the bound on their temporaries (tests make it small).</param>
+    public DistributedOptimizer(IReadOnlyList<GradientBuffer> buffers, Communicator world, AdamSettings adam, bool sharded, long chunkElements = 1L << 28)
     {
+        if (chunkElements < 1) throw new ArgumentOutOfRangeException(nameof(chunkElements), chunkElements, "At least one element per chunk.");
+        _chunkElements = chunkElements;
         _world = world;
         _adam = adam;
         Sharded = sharded;
         Buffers = buffers;
         using var _ = torch.no_grad();
         foreach (var buffer in buffers)
-        {
-            using var flat = Flatten(buffer);
             foreach (var bucket in buffer.Buckets)
             {
                 var (start, length) = sharded ? buffer.Shard(bucket) : (bucket.Start, bucket.Length);
-                var state = new ShardState(buffer, bucket, start, length,
-                    flat.narrow(0, start, length).clone(),
-                    Mask(buffer, start, length, e => e.Decays),
-                    NormMask(buffer, start, length),
+                var state = new ShardState(buffer, bucket, start, length, MainParameters(buffer, start, length),
+                    Runs(buffer, start, length, e => e.Decays ? [(0, e.Numel)] : []),
+                    Runs(buffer, start, length, CountedRuns),
                     countsInNorm: sharded || buffer.Group.Rank == 0);
                 _shards.Add(state);
             }
-        }
     }
 
     /// <summary>Whether state is sharded over each buffer's group.</summary>
@@ -124,7 +128,12 @@ public sealed class DistributedOptimizer : IDisposable
         foreach (var s in _shards.Where(s => s.CountsInNorm))
         {
             var g = s.Gradient();
-            sum += (g * g * s.NormMask).sum().to(ScalarType.Float64);
+            foreach (var (from, length) in s.NormRuns)
+                foreach (var (at, n) in Chunks(from, length))
+                {
+                    using var part = g.narrow(0, at, n);
+                    sum += part.square().sum(type: ScalarType.Float64);   // accumulated in fp64: the same to rounding however it is chunked
+                }
         }
         var reduced = sum.to(_world.DeviceForScalars);
         _world.AllReduce(reduced);
@@ -143,16 +152,26 @@ public sealed class DistributedOptimizer : IDisposable
         double correction1 = 1 - Math.Pow(b1, _step);
         double correction2Sqrt = Math.Sqrt(1 - Math.Pow(b2, _step));
         using var _ = torch.no_grad();
+        // Decoupled weight decay: p·(1 − lr·wd) on the decayed runs, the factor rounded as fp32 arithmetic rounds it.
+        double decay = 1f - (float)(lr * _adam.WeightDecay);
         foreach (var s in _shards)
         {
             using var scope = torch.NewDisposeScope();
-            var g = s.Gradient();
-            if (gradientFactor != 1.0) g = g * gradientFactor;
-            if (_adam.WeightDecay != 0) s.Main.mul_(1 - lr * _adam.WeightDecay * s.DecayMask);
-            s.ExpAvg.lerp_(g, 1 - b1);
-            s.ExpAvgSq.mul_(b2).addcmul_(g, g, 1 - b2);
-            var denominator = (s.ExpAvgSq.sqrt() / correction2Sqrt).add_(_adam.Eps);
-            s.Main.addcdiv_(s.ExpAvg, denominator, -lr / correction1);
+            if (_adam.WeightDecay != 0)
+                foreach (var (from, length) in s.DecayRuns)
+                    foreach (var (at, n) in Chunks(from, length)) s.Main.narrow(0, at, n).mul_(decay);
+            // Element-wise, so chunk by chunk: the temporaries (the clipped gradient, the denominator) stay small.
+            foreach (var (at, n) in Chunks(0, s.Length))
+            {
+                using var chunk = torch.NewDisposeScope();
+                var g = s.Gradient().narrow(0, at, n);
+                if (gradientFactor != 1.0) g = g * gradientFactor;
+                var (main, m, v) = (s.Main.narrow(0, at, n), s.ExpAvg.narrow(0, at, n), s.ExpAvgSq.narrow(0, at, n));
+                m.lerp_(g, 1 - b1);
+                v.mul_(b2).addcmul_(g, g, 1 - b2);
+                var denominator = (v.sqrt() / correction2Sqrt).add_(_adam.Eps);
+                main.addcdiv_(m, denominator, -lr / correction1);
+            }
         }
         WriteBack();
     }
@@ -166,54 +185,69 @@ public sealed class DistributedOptimizer : IDisposable
             var buffer = s.Buffer;
             var b = s.Bucket;
             var device = s.Main.device;
-            Tensor whole;
-            if (Sharded)
+            if (!Sharded || buffer.Group.Size == 1)
             {
-                whole = torch.empty(b.Length, dtype: buffer.ParameterDtype, device: device);
-                buffer.Group.AllGather(s.Main.to(buffer.ParameterDtype), whole);
+                // This rank holds the whole bucket: straight into the parameters (copy_ rounds as .to(dtype) does).
+                foreach (var e in buffer.EntriesOf(b))
+                    e.Parameter.detach().view(-1).copy_(s.Main.narrow(0, e.Offset - s.Start, e.Numel));
+                continue;
             }
-            else
-            {
-                whole = s.Main.to(buffer.ParameterDtype);
-            }
+            var whole = torch.empty(b.Length, dtype: buffer.ParameterDtype, device: device);
+            buffer.Group.AllGather(s.Main.to(buffer.ParameterDtype), whole);
             foreach (var e in buffer.EntriesOf(b))
                 e.Parameter.copy_(whole.narrow(0, e.Offset - b.Start, e.Numel).view(e.Parameter.shape));
         }
     }
 
-    /// <summary>Every parameter of a buffer at its offset, in fp32 (padding zero).</summary>
-    private static Tensor Flatten(GradientBuffer buffer)
+    /// <summary>[from, from + length) in pieces of the chunk size (2^28 elements by default: 1 GiB of fp32 temporaries at most per operation).</summary>
+    private IEnumerable<(long At, long Length)> Chunks(long from, long length)
     {
-        var device = buffer.Entries[0].Parameter.device;
-        var flat = torch.zeros(buffer.Length, dtype: ScalarType.Float32, device: device);
-        foreach (var e in buffer.Entries)
-            flat.narrow(0, e.Offset, e.Numel).copy_(e.Parameter.detach().flatten());
-        return flat;
+        for (long at = from; at < from + length; at += _chunkElements) yield return (at, Math.Min(_chunkElements, from + length - at));
     }
 
-    /// <summary>1 on the elements of [start, start + length) whose parameter satisfies <paramref name="on"/>, 0 elsewhere (padding included).</summary>
-    private static Tensor Mask(GradientBuffer buffer, long start, long length, Func<BufferEntry, bool> on)
+    /// <summary>The fp32 main parameters of elements [start, start + length) of a buffer (padding zero), copied from the parameters.</summary>
+    private static Tensor MainParameters(GradientBuffer buffer, long start, long length)
     {
-        var mask = torch.zeros(length, dtype: ScalarType.Float32, device: buffer.MainGrad.device);
-        foreach (var e in buffer.Entries.Where(on))
+        var main = torch.zeros(length, dtype: ScalarType.Float32, device: buffer.MainGrad.device);
+        foreach (var e in buffer.Entries)
         {
             long from = Math.Max(e.Offset, start), to = Math.Min(e.Offset + e.Numel, start + length);
-            if (from < to) mask.narrow(0, from - start, to - from).fill_(1);
+            if (from < to) main.narrow(0, from - start, to - from).copy_(e.Parameter.detach().view(-1).narrow(0, from - e.Offset, to - from));
         }
-        return mask;
+        return main;
     }
 
-    /// <summary>The counted parameters' mask (<see cref="Mask"/>) with each entry's <see cref="BufferEntry.Uncounted"/> runs cleared.</summary>
-    private static Tensor NormMask(GradientBuffer buffer, long start, long length)
+    /// <summary>
+    /// The runs (first element, count; relative to <paramref name="start"/>, adjacent runs merged) of [start, start + length)
+    /// covered by each entry's own runs <paramref name="of"/> (relative to the entry). Held instead of a mask the size of the
+    /// shard: two fp32 masks cost 8 bytes a parameter, as much as Adam's two moments.
+    /// </summary>
+    private static List<(long From, long Length)> Runs(GradientBuffer buffer, long start, long length, Func<BufferEntry, IEnumerable<(long First, long Count)>> of)
     {
-        var mask = Mask(buffer, start, length, e => e.CountedInNorm);
-        foreach (var e in buffer.Entries)
-            foreach (var (first, count) in e.Uncounted)
+        var runs = new List<(long From, long Length)>();
+        foreach (var e in buffer.Entries.OrderBy(e => e.Offset))
+            foreach (var (first, count) in of(e).OrderBy(r => r.First))
             {
                 long from = Math.Max(e.Offset + first, start), to = Math.Min(e.Offset + first + count, start + length);
-                if (from < to) mask.narrow(0, from - start, to - from).zero_();
+                if (from >= to) continue;
+                if (runs.Count > 0 && runs[^1].From + runs[^1].Length == from - start)
+                    runs[^1] = (runs[^1].From, runs[^1].Length + to - from);
+                else runs.Add((from - start, to - from));
             }
-        return mask;
+        return runs;
+    }
+
+    /// <summary>The elements of an entry this rank counts in the norm: all of a counted one but its <see cref="BufferEntry.Uncounted"/> runs.</summary>
+    private static IEnumerable<(long First, long Count)> CountedRuns(BufferEntry e)
+    {
+        if (!e.CountedInNorm) yield break;
+        long at = 0;
+        foreach (var (first, count) in e.Uncounted.OrderBy(u => u.Start))
+        {
+            if (first > at) yield return (at, first - at);
+            at = Math.Max(at, first + count);
+        }
+        if (at < e.Numel) yield return (at, e.Numel - at);
     }
 
     public void Dispose()
@@ -222,8 +256,9 @@ public sealed class DistributedOptimizer : IDisposable
         _shards.Clear();
     }
 
-    /// <summary>One shard's state: fp32 main parameters and Adam moments, and its masks.</summary>
-    private sealed class ShardState(GradientBuffer buffer, GradientBucket bucket, long start, long length, Tensor main, Tensor decayMask, Tensor normMask, bool countsInNorm) : IDisposable
+    /// <summary>One shard's state: fp32 main parameters and Adam moments, and the runs weight decay and the norm cover.</summary>
+    private sealed class ShardState(GradientBuffer buffer, GradientBucket bucket, long start, long length, Tensor main,
+        List<(long From, long Length)> decayRuns, List<(long From, long Length)> normRuns, bool countsInNorm) : IDisposable
     {
         public GradientBuffer Buffer { get; } = buffer;
         public GradientBucket Bucket { get; } = bucket;
@@ -232,8 +267,10 @@ public sealed class DistributedOptimizer : IDisposable
         public Tensor Main { get; } = main;
         public Tensor ExpAvg { get; } = torch.zeros_like(main);
         public Tensor ExpAvgSq { get; } = torch.zeros_like(main);
-        public Tensor DecayMask { get; } = decayMask;
-        public Tensor NormMask { get; } = normMask;
+        /// <summary>Runs of the shard (relative to <see cref="Start"/>) whose parameters decay.</summary>
+        public List<(long From, long Length)> DecayRuns { get; } = decayRuns;
+        /// <summary>Runs of the shard this rank counts in the gradient norm.</summary>
+        public List<(long From, long Length)> NormRuns { get; } = normRuns;
         public bool CountsInNorm { get; } = countsInNorm;
 
         /// <summary>The reduced fp32 gradient of this shard (a view of the buffer).</summary>
@@ -244,8 +281,6 @@ public sealed class DistributedOptimizer : IDisposable
             Main.Dispose();
             ExpAvg.Dispose();
             ExpAvgSq.Dispose();
-            DecayMask.Dispose();
-            NormMask.Dispose();
         }
     }
 }
