@@ -39,7 +39,14 @@ fi
 if [ "$part" = trace ] || [ "$part" = calibrate ]; then
   # Where the step's peak falls: allocated now / peak since the previous point, at every point of the last step.
   MOE_MEMORY_TRACE=1 run 90 "moe trace 8x7b 4 8192" $M bench --iters 1 --main-grads false --model 8x7b --layers 4 --seq 8192
-  grep "memory trace" $OUT/memory.log | tail -1 | tr -s ' ' | sed 's/  /\n/g' > $OUT/trace.txt
+  MOE_MEMORY_TRACE=1 run 90 "moe trace optimizer 8x7b 2 4096" $M bench --iters 1 --optimizer true --model 8x7b --layers 2 --seq 4096
+  grep "memory trace" $OUT/memory.log > $OUT/trace.txt
+fi
+if [ "$part" = trace ]; then
+  for shape in "8x7b 2 8192" "8x7b 4 8192" "8x22b 2 8192" "8x7b 2 4096" "8x7b 4 4096" "8x22b 2 4096" "8x7b 2 16384" "8x7b 4 16384" "8x22b 2 16384" "8x22b 4 4096" "8x22b 4 8192" "8x22b 4 16384"; do
+    set -- $shape
+    ours --main-grads false --model $1 --layers $2 --seq $3
+  done
 fi
 if [ "$part" = calibrate ] || [ "$part" = both ]; then
   for shape in "8x7b 2 4096" "8x7b 2 8192" "8x7b 2 16384" "8x7b 4 4096" "8x7b 4 8192" "8x22b 2 4096" "8x22b 2 8192" "8x22b 2 16384" "8x7b 4 16384"; do

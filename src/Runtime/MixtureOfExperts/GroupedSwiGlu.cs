@@ -65,13 +65,17 @@ public sealed class GroupedSwiGlu : torch.autograd.SingleTensorFunction<GroupedS
             var (rows, gu, gateUp, down, offsets) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
             var sinks = (ExpertGradientSinks)ctx.get_data("sinks");
             Devices.MemoryTrace.Mark("experts' backward");
-            // Each intermediate goes as soon as it has been used: ∂act, then act, then ∂gu.
+            // Our handles are now the only references to what the forward saved, so each saved tensor, and each
+            // intermediate, goes as soon as it has been used: ∂act, gu (0.9 GiB for 8x7B at 8192 tokens), act, the rows, ∂gu.
+            ManagedBackward.ReleaseSaved(ctx);
             var dAct = Kernels.GroupedMm(dOut, down, offsets);
             var (dGu, act) = SwiGluKernels.Applies(rows, down.shape[2]) ? SwiGluKernels.Backward(dAct, gu) : SwiGluBackward(dAct, gu);
             dAct.Dispose();
+            gu.Dispose();
             Accumulate(down, Kernels.GroupedMm(dOut.t(), act, offsets), sinks.Down);
             act.Dispose();
             Accumulate(gateUp, Kernels.GroupedMm(dGu.t(), rows, offsets), sinks.GateUp);
+            rows.Dispose();
             var dRows = ManagedBackward.Keep(Kernels.GroupedMm(dGu, gateUp, offsets));
             dGu.Dispose();
             Devices.MemoryTrace.Mark("experts' backward done");

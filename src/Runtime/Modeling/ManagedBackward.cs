@@ -86,6 +86,7 @@ public static class ManagedBackward
         finally
         {
             gradOutput.Dispose();
+            ReleaseSaved(ctx);
         }
     }
 
@@ -113,8 +114,33 @@ public static class ManagedBackward
         finally
         {
             foreach (var g in gradOutputs) if (g is not null && !g.IsInvalid) g.Dispose();
+            ReleaseSaved(ctx);
         }
     }
+
+    private static readonly System.Reflection.FieldInfo SavedVariablesField =
+        typeof(torch.autograd.AutogradContext).GetField("_savedVariables", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance)
+        ?? throw new InvalidOperationException("TorchSharp's AutogradContext has no _savedVariables field (it had in 0.107): ManagedBackward.ReleaseSaved needs updating for this TorchSharp.");
+
+    /// <summary>
+    /// Frees what the forward saved for the backward, once the backward has run: PyTorch's engine does this for its own
+    /// nodes (release_variables, unless the graph is retained), but TorchSharp's managed nodes keep their saved variables
+    /// until the whole graph goes, after the last backward. For the grouped experts that is the rows and the gate/up
+    /// projections, 1 GiB per layer of 8x7B at 8192 tokens, held by every layer until the step's backward returned
+    /// (the H200 trace, docs/performance.md). Nothing here runs a backward twice (no retain_graph). A body may call it
+    /// itself once it holds handles to what it needs (from <c>get_saved_variables</c>), to free each piece earlier; the
+    /// call after the body then finds nothing left to drop.
+    /// </summary>
+    public static void ReleaseSaved(torch.autograd.AutogradContext ctx)
+    {
+        if (SavedVariablesField.GetValue(ctx) is not System.Collections.IEnumerable saved) return;
+        foreach (var v in saved) ResetData.Invoke(v, null);
+    }
+
+    /// <summary>TorchSharp's internal SavedVariable.reset_data (libtorch's SavedVariable::reset_data: drops the tensor).</summary>
+    private static readonly System.Reflection.MethodInfo ResetData =
+        SavedVariablesField.FieldType.GetGenericArguments().SingleOrDefault()?.GetMethod("reset_data", System.Reflection.BindingFlags.Public | System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance, Type.EmptyTypes)
+        ?? throw new InvalidOperationException("TorchSharp's SavedVariable has no reset_data() (it had in 0.107): ManagedBackward.ReleaseSaved needs updating for this TorchSharp.");
 
     /// <summary>Releases this thread's handles, then throws the first failure recorded since the last call, if any.</summary>
     public static void Complete()

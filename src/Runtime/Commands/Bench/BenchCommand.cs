@@ -202,7 +202,14 @@ public static class BenchCommand
             HostTrace.Mark("backward returned");
             Trainer.SumReplicatedGradients(model, parameters, buffers);
             foreach (var b in buffers) b.Reduce(sharded: true);
-            if (optimizer is not null) optimizer.Step(1e-5, Math.Min(1, 1 / Math.Max(optimizer.GradientNorm(), 1e-6)));
+            if (optimizer is not null)
+            {
+                HostTrace.Mark("gradients reduced");
+                double norm = optimizer.GradientNorm();
+                HostTrace.Mark("gradient norm");
+                optimizer.Step(1e-5, Trainer.ClipFactor(norm, 1.0));
+                HostTrace.Mark("optimizer step");
+            }
             backwardMs.Add(watch.Elapsed.TotalMilliseconds);
             if (stats)
             {
