@@ -43,6 +43,13 @@ public sealed record MicroBatchInputs(Tensor TokensBS, Tensor LabelsBS, Tensor L
 /// layer. Mixtral's embeddings are untied, so there is no embedding gradient to exchange between the first and
 /// last stage (the model refuses tie_word_embeddings).
 /// </para>
+/// <para>
+/// Full recompute. The model's <see cref="RecomputePlan"/> cuts each model chunk's layers into units (Megatron's
+/// TransformerBlock._checkpointed_forward per chunk); a unit keeps only its input hidden states and reruns in the
+/// backward of its micro-batch (<see cref="ActivationRecompute.Layers"/>). Its layers' aux and z losses, computed from
+/// the router outputs the unit returns, are attached to the unit's output in layer order, which gives them the same
+/// gradient as attaching each to its own layer's output. Evaluation (forward only) runs the layers as they are.
+/// </para>
 /// </remarks>
 public sealed class PipelineRunner
 {

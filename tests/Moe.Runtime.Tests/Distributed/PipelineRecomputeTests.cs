@@ -93,6 +93,16 @@ public class PipelineRecomputeTests
         // The recomputed units rerun their dispatchers' all-to-alls in the backward, in the same order on both EP ranks of a stage.
         AssertRecomputeChangesNothing(Layout(new Parallelism { Gpus = 4, Pipeline = 2, Expert = 2 }, 4, zLoss: true), Full(RecomputeMethod.Uniform, 2));
 
+    [Theory]
+    // The recomputed units rerun their tensor-parallel (sequence gather / reduce-scatter) and context-parallel
+    // (key-value all-gather) collectives in the backward, in the same order on every rank of the group.
+    [InlineData(2, 1)]
+    [InlineData(1, 2)]
+    public void Pipeline2WithTensorOrContextParallel2_FullRecomputeGradientsBitEqual(int tensor, int context) =>
+        AssertRecomputeChangesNothing(
+            Layout(new Parallelism { Gpus = 4, Pipeline = 2, Tensor = tensor, SequenceParallel = tensor > 1, Context = context }, 4, zLoss: false),
+            Full(RecomputeMethod.Uniform, 2));
+
     [Fact]
     public void PlanUnderVirtualPipeline_AppliesTheMethodToEachModelChunkAsMegatron()
     {
