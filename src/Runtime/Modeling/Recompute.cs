@@ -99,7 +99,8 @@ public sealed record RecomputePlan(IReadOnlyList<(int Start, int End)> Chunks, b
 /// Collectives: a recomputed MoE layer reruns its dispatcher's all-gather of counts and its all-to-alls in the
 /// backward, as Megatron's <c>moe</c> recompute does (the checkpoint wraps route, dispatch, experts and combine).
 /// Every rank runs the same layers and so reaches each rerun at the same point of its backward, in the same layer
-/// order: the collectives pair up as in the forward.
+/// order: the collectives pair up as in the forward. Under pipelining the ranks of one stage share its schedule, so
+/// they rerun the same units of the same micro-batches in the same order too.
 /// </para>
 /// <para>
 /// Side effects run once: the expert-bias token counts are taken only with gradients enabled (so in the rerun, not
