@@ -172,29 +172,35 @@ public sealed record MemoryEstimate
         int inFlight = Math.Max(1, Math.Min(pp, Math.Max(1, s.GradientAccumulationSteps)));
         // fp32 log-probabilities of the loss on the last stage, counted for the most loaded rank to stay on the safe side.
         double logits = (double)s.Training.MicroBatchSize * s.Data.SequenceLength / cp * m.VocabSize / tp * 4;
-        double Total(double r) => StageActivations(s.Recompute, layers, tokens, r, t) * bytes * inFlight + logits;
+        // Full recompute applies its method to each model chunk of the stage (the virtual pipeline's), as Megatron does.
+        int modelChunks = pp > 1 ? Math.Max(1, p.VirtualPipeline ?? 1) : 1;
+        double Total(double r) => StageActivations(s.Recompute, layers, tokens, r, t, modelChunks) * bytes * inFlight + logits;
         return new ActivationResult(Total(rows), Total(Math.Min(uniformRows, rows)), rows, uniformRows, assumption);
     }
 
     /// <summary>
-    /// Elements one micro-batch keeps on a stage of <paramref name="layers"/> layers at its peak, with recompute:
-    /// full uniform n — every chunk's checkpoint plus one chunk of n layers rerun in the backward; full block n — n
-    /// checkpoints plus the other layers (or one rerun layer when all are recomputed); selective — core_attn adds its
-    /// output buffer (flash attention keeps q, k, v either way), moe keeps the layer's input and output buffer instead of
-    /// its rows, plus one layer's rows while it reruns.
+    /// Elements one micro-batch keeps on a stage of <paramref name="layers"/> layers at its peak, with recompute.
+    /// Full recompute applies its method to each of the stage's <paramref name="modelChunks"/> model chunks of
+    /// c = layers / modelChunks layers (Megatron's TransformerBlock per chunk): uniform n — ⌈c/n⌉ checkpoints per
+    /// chunk plus one unit of min(n, c) layers rerun in the backward; block n — min(n, c) checkpoints per chunk plus the
+    /// other layers (or one rerun layer when all are recomputed). Selective — core_attn adds its output buffer (flash
+    /// attention keeps q, k, v either way), moe keeps the layer's input and output buffer instead of its rows, plus one
+    /// layer's rows while it reruns.
     /// </summary>
-    public static double StageActivations(Recompute r, int layers, double tokens, double rows, ActivationTerms t)
+    public static double StageActivations(Recompute r, int layers, double tokens, double rows, ActivationTerms t, int modelChunks = 1)
     {
         double routed = rows * t.PerRow;
         double layer = tokens * (t.Attention + t.MoeInput) + routed;
         double checkpoint = tokens * t.Checkpoint;
+        int v = Math.Max(1, Math.Min(modelChunks, layers));
+        int perChunk = (layers + v - 1) / v;
         switch (r.Granularity)
         {
             case RecomputeGranularity.Full when r.Method == RecomputeMethod.Uniform && r.NumLayers is int n && n >= 1:
-                int chunks = (layers + n - 1) / n;
-                return chunks * checkpoint + Math.Min(n, layers) * layer;
+                int units = v * ((perChunk + n - 1) / n);
+                return units * checkpoint + Math.Min(n, perChunk) * layer;
             case RecomputeGranularity.Full when r.Method == RecomputeMethod.Block && r.NumLayers is int b && b >= 1:
-                int recomputed = Math.Min(b, layers);
+                int recomputed = Math.Min(layers, v * Math.Min(b, perChunk));
                 return recomputed * checkpoint + Math.Max(layers - recomputed, 1) * layer;
             case RecomputeGranularity.Selective:
                 double h = t.Checkpoint / 2;

@@ -88,7 +88,9 @@ public sealed record Recompute
 
     /// <summary>
     /// Full recompute: with uniform, the layers per recomputed chunk; with block, the layers recomputed per pipeline
-    /// stage. Required by full (1 … layers per stage), refused with selective. Megatron: <c>--recompute-num-layers</c>.
+    /// stage (per model chunk under a virtual pipeline: each applies the method to its own layers, as Megatron's
+    /// TransformerBlock does). Required by full (1 … layers of the largest stage), refused with selective. Megatron:
+    /// <c>--recompute-num-layers</c>.
     /// </summary>
     public int? NumLayers { get; init; }
 

@@ -9,7 +9,9 @@ public static partial class RuleSet
     private static IEnumerable<Rule> RecomputeRules()
     {
         // MOE0302 (R122): Megatron raises ValueError in TransformerConfig.__post_init__ when full recompute has no
-        // method or no recompute_num_layers; its message asks for 1 ≤ n ≤ layers per pipeline rank.
+        // method or no recompute_num_layers; its message asks for 1 ≤ n ≤ layers per pipeline rank. Each stage (each
+        // model chunk under a virtual pipeline) then applies the method to its own layers, clipping n to them
+        // (TransformerBlock._checkpointed_forward), so with uneven stages the bound is the largest stage.
         var full = D(DiagnosticIds.RecomputeFullIncomplete, "Full recompute needs a method and a number of layers within a stage", RuleCategory.Memory, "R122",
             "Recompute.Granularity", "Recompute.Method", "Recompute.NumLayers", "Parallelism.Pipeline", "Parallelism.FirstStageLayers", "Parallelism.LastStageLayers", "Model.Layers");
         yield return new Rule(full, (s, _) =>
@@ -20,13 +22,15 @@ public static partial class RuleSet
             int perStage = stages is null ? s.Model.Layers : stages.Max();
             if (r.Method is null)
                 return One(full, "Granularity = Full needs a Method: Uniform (chunks of NumLayers layers, each recomputed as a unit) or Block " +
-                    "(the first NumLayers layers of each stage); Megatron: --recompute-method uniform|block",
+                    "(the first NumLayers layers of each stage, or of each model chunk under a virtual pipeline); Megatron: --recompute-method uniform|block",
                     new SuggestedFix("Set Method = RecomputeMethod.Uniform", "Recompute.Method", "Moe.Dsl.RecomputeMethod.Uniform"), "Recompute.Method", "Recompute.Granularity");
             if (r.NumLayers is not int n)
                 return One(full, $"Granularity = Full needs NumLayers between 1 and the {F(perStage)} layers of a pipeline stage; Megatron: --recompute-num-layers",
                     SetFix("Recompute.NumLayers", 1), "Recompute.NumLayers", "Recompute.Granularity");
             if (n < 1 || n > perStage)
-                return One(full, $"NumLayers ({F(n)}) must be between 1 and the {F(perStage)} layers of a pipeline stage ({F(s.Model.Layers)} layers / Pipeline {F(s.Parallelism.Pipeline)})",
+                return One(full, $"NumLayers ({F(n)}) must be between 1 and the {F(perStage)} layers of " + (stages is not null && stages.Distinct().Count() > 1
+                        ? $"the largest pipeline stage (stages of {string.Join(", ", stages.Select(c => F(c)))} layers)"
+                        : $"a pipeline stage ({F(s.Model.Layers)} layers / Pipeline {F(s.Parallelism.Pipeline)})"),
                     SetFix("Recompute.NumLayers", n < 1 ? 1 : perStage), "Recompute.NumLayers");
             return None;
         });

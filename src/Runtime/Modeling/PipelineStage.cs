@@ -19,7 +19,7 @@ namespace Moe.Runtime.Modeling;
 public sealed record PipelineStage(int Stage, int Stages, IReadOnlyList<LayerRange> Chunks)
 {
     /// <summary>The whole model on one stage.</summary>
-    public static PipelineStage Whole(int layers) => new(0, 1, [new LayerRange(0, layers)]);
+    public static PipelineStage Whole(int layers) => new(0, 1, [new LayerRange(0, layers)]) { LargestStageLayers = layers };
 
     /// <summary>Stage <paramref name="stage"/> of the layout in <paramref name="p"/> for a model of <paramref name="layers"/> layers.</summary>
     public static PipelineStage Of(Parallelism p, int layers, int stage)
@@ -29,7 +29,22 @@ public sealed record PipelineStage(int Stage, int Stages, IReadOnlyList<LayerRan
         if (counts is null || counts.Any(c => c % (p.VirtualPipeline ?? 1) != 0))
             throw new UserError($"{layers} layers cannot be split over Pipeline = {p.Pipeline} stages (FirstStageLayers {p.FirstStageLayers?.ToString() ?? "unset"}, " +
                 $"LastStageLayers {p.LastStageLayers?.ToString() ?? "unset"}, VirtualPipeline {p.VirtualPipeline?.ToString() ?? "unset"}); `moe check` names the rule (MOE0011, MOE0013, MOE0014).");
-        return new PipelineStage(stage, p.Pipeline, PipelineSplit.LayersOfStage(stage, layers, p.Pipeline, p.VirtualPipeline, p.FirstStageLayers, p.LastStageLayers));
+        return new PipelineStage(stage, p.Pipeline, PipelineSplit.LayersOfStage(stage, layers, p.Pipeline, p.VirtualPipeline, p.FirstStageLayers, p.LastStageLayers))
+        {
+            LargestStageLayers = counts.Max(),
+        };
+    }
+
+    private readonly int _largest;
+
+    /// <summary>
+    /// The layers of the split's largest stage (this stage's own count when the split is not known): Megatron's
+    /// layers per pipeline rank, the bound of <c>--recompute-num-layers</c> (rule MOE0302).
+    /// </summary>
+    public int LargestStageLayers
+    {
+        get => _largest > 0 ? _largest : Chunks.Sum(c => c.Count);
+        init => _largest = value;
     }
 
     /// <summary>Model chunks of this stage (the virtual pipeline size, 1 without one).</summary>

@@ -13,7 +13,7 @@ namespace Moe.Runtime.Modeling;
 /// for this model's layers): whole layers grouped in chunks (full), or the attention core and the MoE layer of every
 /// layer (selective).
 /// </summary>
-/// <param name="Chunks">Full recompute: the layer ranges [Start, End) recomputed as one unit each; empty otherwise.</param>
+/// <param name="Chunks">Full recompute: the ranges [Start, End) of indices into the stage's layer list recomputed as one unit each; empty otherwise.</param>
 /// <param name="CoreAttention">Selective <c>core_attn</c>: softmax(QKᵀ/√d)·V keeps only q, k, v.</param>
 /// <param name="MoeLayer">Selective <c>moe</c>: the MoE layer (router, dispatch with its all-to-all, experts, combine) keeps only its input.</param>
 public sealed record RecomputePlan(IReadOnlyList<(int Start, int End)> Chunks, bool CoreAttention, bool MoeLayer)
@@ -24,13 +24,21 @@ public sealed record RecomputePlan(IReadOnlyList<(int Start, int End)> Chunks, b
     /// <summary>Whether anything is recomputed.</summary>
     public bool Any => Chunks.Count > 0 || CoreAttention || MoeLayer;
 
+    /// <summary>The plan for a model of <paramref name="layers"/> layers on one device (see <see cref="For(Dsl.Recompute, PipelineStage)"/>).</summary>
+    public static RecomputePlan For(Dsl.Recompute r, int layers) => For(r, PipelineStage.Whole(layers));
+
     /// <summary>
-    /// The plan for <paramref name="layers"/> layers (one pipeline stage) as Megatron's <c>checkpointed_forward</c>
-    /// chooses them: uniform cuts the layers into chunks of NumLayers (the last may be shorter); block recomputes the
-    /// first NumLayers layers one by one. <c>moe_act</c> needs nothing: the grouped experts always recompute SwiGLU.
-    /// A setting the rule set refuses (MOE0302–MOE0304) is refused here too, with the rule's ID.
+    /// The plan for the layers of <paramref name="stage"/> as Megatron's <c>TransformerBlock._checkpointed_forward</c>
+    /// chooses them. Megatron builds one block per model chunk (the stage's layers, or under a virtual pipeline each
+    /// chunk's), and each block applies the method to its own layers from its first: uniform cuts them into chunks of
+    /// NumLayers (the last may be shorter: <c>min(layer + n, layers of the block)</c>); block recomputes the first
+    /// NumLayers of them one by one (all of them when the block has fewer). The chunks are indices into the stage's
+    /// layer list (<see cref="MixtralModel.Layers"/>), so none spans two model chunks. NumLayers is bounded by the
+    /// largest stage's layers, Megatron's <c>num_layers_per_pipeline_rank</c>. <c>moe_act</c> needs nothing: the
+    /// grouped experts always recompute SwiGLU. A setting the rule set refuses (MOE0302–MOE0304) is refused here too,
+    /// with the rule's ID.
     /// </summary>
-    public static RecomputePlan For(Dsl.Recompute r, int layers)
+    public static RecomputePlan For(Dsl.Recompute r, PipelineStage stage)
     {
         switch (r.Granularity)
         {
@@ -39,13 +47,22 @@ public sealed record RecomputePlan(IReadOnlyList<(int Start, int End)> Chunks, b
                     throw new UserError("Recompute: a method or number of layers needs --recompute-granularity full (rule MOE0303).");
                 return None;
             case RecomputeGranularity.Full:
-                if (r.Method is not RecomputeMethod method || r.NumLayers is not int n || n < 1 || n > layers)
-                    throw new UserError($"Recompute: full recompute needs --recompute-method uniform|block and --recompute-num-layers between 1 and {layers} (rule MOE0302).");
+                int most = stage.LargestStageLayers;
+                if (r.Method is not RecomputeMethod method || r.NumLayers is not int n || n < 1 || n > most)
+                    throw new UserError($"Recompute: full recompute needs --recompute-method uniform|block and --recompute-num-layers between 1 and {most}, " +
+                        (stage.Stages > 1 ? $"the layers of the largest of the {stage.Stages} pipeline stages" : "the model's layers") +
+                        $"{(r.NumLayers is int given ? $" (got {given})" : "")} (rule MOE0302).");
                 var chunks = new List<(int, int)>();
-                if (method == RecomputeMethod.Uniform)
-                    for (int start = 0; start < layers; start += n) chunks.Add((start, Math.Min(start + n, layers)));
-                else
-                    for (int l = 0; l < n; l++) chunks.Add((l, l + 1));
+                int offset = 0;
+                foreach (var modelChunk in stage.Chunks)
+                {
+                    int count = modelChunk.Count;
+                    if (method == RecomputeMethod.Uniform)
+                        for (int start = 0; start < count; start += n) chunks.Add((offset + start, offset + Math.Min(start + n, count)));
+                    else
+                        for (int l = 0; l < Math.Min(n, count); l++) chunks.Add((offset + l, offset + l + 1));
+                    offset += count;
+                }
                 return new RecomputePlan(chunks, false, false);
             case RecomputeGranularity.Selective:
                 if (r.Method is not null || r.NumLayers is not null)
@@ -82,7 +99,8 @@ public sealed record RecomputePlan(IReadOnlyList<(int Start, int End)> Chunks, b
 /// Collectives: a recomputed MoE layer reruns its dispatcher's all-gather of counts and its all-to-alls in the
 /// backward, as Megatron's <c>moe</c> recompute does (the checkpoint wraps route, dispatch, experts and combine).
 /// Every rank runs the same layers and so reaches each rerun at the same point of its backward, in the same layer
-/// order: the collectives pair up as in the forward.
+/// order: the collectives pair up as in the forward. Under pipelining the ranks of one stage share its schedule, so
+/// they rerun the same units of the same micro-batches in the same order too.
 /// </para>
 /// <para>
 /// Side effects run once: the expert-bias token counts are taken only with gradients enabled (so in the rerun, not

@@ -43,6 +43,13 @@ public sealed record MicroBatchInputs(Tensor TokensBS, Tensor LabelsBS, Tensor L
 /// layer. Mixtral's embeddings are untied, so there is no embedding gradient to exchange between the first and
 /// last stage (the model refuses tie_word_embeddings).
 /// </para>
+/// <para>
+/// Full recompute. The model's <see cref="RecomputePlan"/> cuts each model chunk's layers into units (Megatron's
+/// TransformerBlock._checkpointed_forward per chunk); a unit keeps only its input hidden states and reruns in the
+/// backward of its micro-batch (<see cref="ActivationRecompute.Layers"/>). Its layers' aux and z losses, computed from
+/// the router outputs the unit returns, are attached to the unit's output in layer order, which gives them the same
+/// gradient as attaching each to its own layer's output. Evaluation (forward only) runs the layers as they are.
+/// </para>
 /// </remarks>
 public sealed class PipelineRunner
 {
@@ -150,16 +157,38 @@ public sealed class PipelineRunner
         int layers = _model.Config.Layers, experts = _model.Config.Experts;
         // Megatron's aux-loss scale: loss_scale · CP / M (dense gradients are averaged over dp × cp).
         double scale = (double)(_model.Context?.Size ?? 1) / microBatches;
-        foreach (int local in _stage.LocalLayersOf(a.Chunk))
+        var recompute = _model.Recomputation;
+        var chunkLayers = _stage.LocalLayersOf(a.Chunk).ToArray();
+        for (int i = 0; i < chunkLayers.Length;)
+        {
+            int local = chunkLayers[i];
+            if (!forwardOnly && recompute.ChunkAt(local) is (int start, int end))
+            {
+                if (end - start > chunkLayers.Length - i)
+                    throw new InvalidOperationException($"Pipeline stage {_stage.Stage}: the recomputed layers {start}..{end - 1} cross the end of model chunk {a.Chunk} (its layers end at {chunkLayers[^1]}).");
+                // Full recompute: layers [start, end) of this model chunk keep only their input hidden states and rerun
+                // in the backward; their aux and z losses are attached to the recomputed unit's output, in layer order.
+                (xBSH, var moes) = ActivationRecompute.Layers(_model.Layers, start, end, xBSH, rope, mask);
+                for (int l = start; l < end; l++) xBSH = Account(l, moes[l - start], xBSH);
+                i += end - start;
+                continue;
+            }
+            (xBSH, var moe) = _model.Layers[local].Forward(xBSH, rope, mask);
+            xBSH = Account(local, moe, xBSH);
+            i++;
+        }
+
+        // A layer's losses and metrics: its aux and z losses attached to the residual stream (Megatron's aux-loss scaler),
+        // its aux, z and token counts added to the sums.
+        Tensor Account(int local, MoeLayerOutput moe, Tensor outBSH)
         {
             var layer = _model.Layers[local];
-            (xBSH, var moe) = layer.Forward(xBSH, rope, mask);
             Tensor? aux = _options.LoadBalancing == Dsl.LoadBalancing.None ? null : layer.Moe.MegatronAuxLoss(moe, (int)b);
             Tensor? z = _options.ZLoss ? AuxLosses.ZLoss(moe.Routing.LogitsTE) : null;
             if (!forwardOnly && (aux is not null && _auxCoeff != 0 || z is not null && _zCoeff != 0))
             {
                 var attached = (aux is null ? 0 : _auxCoeff * aux) + (z is null ? 0 : _zCoeff * z);
-                xBSH = AuxLossScaler.Apply(xBSH, attached!, scale);
+                outBSH = AuxLossScaler.Apply(outBSH, attached!, scale);
             }
             using (torch.no_grad())
             {
@@ -173,6 +202,7 @@ public sealed class PipelineRunner
                 sums.narrow(0, 6 + at, experts).add_(kept);
                 sums.narrow(0, 6 + layers * experts + at, experts).add_(routed);
             }
+            return outBSH;
         }
         Tensor output;
         if (_stage.IsLastVirtual(a.Chunk))

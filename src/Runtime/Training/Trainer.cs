@@ -118,10 +118,7 @@ public sealed class Trainer : IDisposable
         _model = new MixtralModel(MixtralConfig.From(settings.Model), options, dtype, device, plan, stage);
         if (stage.Stages > 1) PipelineSchedules.For(stage.Stages, stage.Stage, MicroBatches, stage.ChunkCount);   // a schedule the micro-batches cannot fill fails now
         _context = ContextParallel.Apply(_model, rank.Groups);
-        if (stage.Stages > 1 && settings.Recompute.Granularity == RecomputeGranularity.Full)
-            throw new UserError($"Recompute.Granularity = Full with Pipeline ({stage.Stages}) does not run yet: the pipeline runner recomputes selectively only. " +
-                "Use selective recompute (core_attn, moe) with pipeline stages, or Pipeline = 1.");
-        _model.Recomputation = RecomputePlan.For(settings.Recompute, settings.Model.Layers);
+        _model.Recomputation = RecomputePlan.For(settings.Recompute, stage);   // full recompute: each model chunk of this stage its own layers, as Megatron
         if (checkpoint is { IsMoe: false }) CheckpointReader.LoadHuggingFace(_model, checkpoint, settings, load, rank.Reports ? log : TextWriter.Null);
         else if (checkpoint is null) _model.InitializeWeights(settings.Training.Seed);
         _model.train();

@@ -104,6 +104,34 @@ public class MemoryFormulaTests
         Assert.Equal(1_480_589_312, mem.ActivationsBytes);
     }
 
+    [Theory]
+    // A stage of 4 layers; with a virtual pipeline of 2 each model chunk of 2 layers applies the method itself.
+    // uniform 3: ⌈4/3⌉ = 2 units, a rerun of 3 layers | per chunk ⌈2/3⌉ = 1 unit (2 in all), a rerun of min(3, 2) = 2.
+    [InlineData(RecomputeMethod.Uniform, 3, 1, 2, 3)]
+    [InlineData(RecomputeMethod.Uniform, 3, 2, 2, 2)]
+    // block 2: the stage's first 2 recomputed, 2 kept | each chunk's 2 recomputed (4 in all), one rerun layer.
+    [InlineData(RecomputeMethod.Block, 2, 1, 2, 2)]
+    [InlineData(RecomputeMethod.Block, 2, 2, 4, 1)]
+    public void Activations_FullRecomputePerModelChunk_ByHand(RecomputeMethod method, int n, int modelChunks, int checkpoints, int layersKept)
+    {
+        var t = MemoryEstimate.Terms(OneGpu(2));
+        var r = new Recompute { Granularity = RecomputeGranularity.Full, Method = method, NumLayers = n };
+        Assert.Equal(checkpoints * Checkpoint + layersKept * Layer, MemoryEstimate.StageActivations(r, 4, 4096, 8192, t, modelChunks));
+    }
+
+    [Fact]
+    public void Activations_FullRecomputeUnderVirtualPipeline_AppliesTheMethodPerModelChunk()
+    {
+        // 8 layers over PP 2 × VPP 2: stages of 4 layers in chunks of 2; block 2 recomputes all 4 (4 checkpoints, one
+        // rerun layer), not the stage's first 2. One micro-batch in flight (gradient accumulation 1).
+        var s = OneGpu(8, recompute: new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 2 }) with
+        {
+            Parallelism = new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2, Gpu = Gpu.H200 },
+            Training = new Training { GlobalBatchSize = 1, MicroBatchSize = 1 },
+        };
+        Assert.Equal((4 * Checkpoint + Layer) * 2 + Loss, MemoryEstimate.For(s).ActivationsBytes);
+    }
+
     [Fact]
     public void Activations_SelectiveMoe_ByHand()
     {

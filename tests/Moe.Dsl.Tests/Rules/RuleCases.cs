@@ -216,6 +216,11 @@ public static class RuleCases
             ["NumLayers (17) must be between 1 and the 16 layers of a pipeline stage (32 layers / Pipeline 2)"],
             P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 17 } },
             P(p => p with { Pipeline = 2 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Uniform, NumLayers = 16 } });
+        // Uneven stages (12 + 20 layers): Megatron clips NumLayers to each stage's layers, so the bound is the largest stage.
+        yield return new(DiagnosticIds.RecomputeFullIncomplete, "Recompute.NumLayers",
+            ["NumLayers (21) must be between 1 and the 20 layers of the largest pipeline stage (stages of 12, 20 layers)"],
+            P(p => p with { Pipeline = 2, FirstStageLayers = 12 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 21 } },
+            P(p => p with { Pipeline = 2, FirstStageLayers = 12 }) with { Recompute = new Recompute { Granularity = RecomputeGranularity.Full, Method = RecomputeMethod.Block, NumLayers = 20 } });
         yield return new(DiagnosticIds.RecomputeMethodWithoutFull, "Recompute.NumLayers",
             ["NumLayers choose the layers of full recompute, but Granularity = Selective"],
             Base with { Recompute = new Recompute { Granularity = RecomputeGranularity.Selective, NumLayers = 2 } },

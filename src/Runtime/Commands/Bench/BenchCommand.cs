@@ -64,7 +64,6 @@ public static class BenchCommand
         if (!r.MainGrads && r.Gpus > 1)
             throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
-        RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);   // refuses an invalid combination before any work
         if (preset.Experts % r.Expert != 0)
             throw new UserError($"--ep {r.Expert} must divide the {preset.Experts} experts of {preset.Name}.");
         if (r.Tensor < 1 || r.Gpus % r.Tensor != 0 || r.Gpus % (r.Tensor * r.Expert) != 0)
@@ -78,6 +77,8 @@ public static class BenchCommand
                 : $"--seq {r.Seq} / --cp {r.Context} = {r.Seq / r.Context} must be a multiple of --tp {r.Tensor}: sequence parallel gives each tensor rank of a context-parallel rank that many / --tp positions.");
         if (r.Pipeline < 1 || r.Layers % r.Pipeline != 0 || r.Gpus % (r.Tensor * r.Context * r.Pipeline) != 0 || r.Gpus % (r.Tensor * r.Expert * r.Pipeline) != 0)
             throw new UserError($"--pp {r.Pipeline} must divide --layers {r.Layers}, and --tp × --cp × --pp ({r.Tensor} × {r.Context} × {r.Pipeline}) and --tp × --ep × --pp ({r.Tensor} × {r.Expert} × {r.Pipeline}) must divide --gpus {r.Gpus}.");
+        // Refuses an invalid combination before any work; under --pp the bound of --recompute-num-layers is a stage's layers.
+        RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, PipelineStage.Of(StageSplit(r), r.Layers, 0));
         var layout = new RankLayout(r.Gpus, r.Tensor, r.Pipeline, r.Context, r.Expert, r.Tensor, RankOrder.TpCpEpDpPp);
         var timeout = TimeSpan.FromMinutes(10);
         if (r.Gpus == 1)
@@ -117,6 +118,9 @@ public static class BenchCommand
     /// the timed steps and the ranks), and allocated when the first forward returned, with --allocator-stats.</param>
     private sealed record RankResult(double StepSeconds, double? MemoryGiB, MixtralConfig Config, (double Forward, double Step, double Reserved, double AfterForward)? Allocator);
 
+    /// <summary>The even split of --layers over --pp stages (bench has no virtual pipeline or uneven stages).</summary>
+    private static Dsl.Parallelism StageSplit(Request r) => new() { Gpus = r.Gpus, Pipeline = r.Pipeline };
+
     private static Dsl.Model Preset(string model) => model switch
     {
         "8x7b" => Dsl.Model.Mixtral8x7B,
@@ -136,12 +140,12 @@ public static class BenchCommand
         // stages need a loss per layer: take Megatron's per-layer aux_loss there (as training computes it).
         bool split = r.Tensor > 1 || r.Context > 1 || r.Pipeline > 1;
         var options = new MoeOptions { TopK = config.TopK, AuxLossConvention = split ? AuxLossConvention.Megatron : AuxLossConvention.Transformers };
-        var stage = PipelineStage.Of(new Dsl.Parallelism { Gpus = r.Gpus, Pipeline = r.Pipeline }, r.Layers, rank.Groups.Coordinates.Pp);
+        var stage = PipelineStage.Of(StageSplit(r), r.Layers, rank.Groups.Coordinates.Pp);
         using var model = new MixtralModel(config, options, dtype, device, plan, stage);
         model.InitializeWeights(0);
         model.train();
         var cp = ContextParallel.Apply(model, rank.Groups);
-        model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, r.Layers);
+        model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, stage);
         var parameters = model.ParametersInForwardOrder().ToList();
         var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
         using var optimizer = r.Optimizer ? new DistributedOptimizer(buffers, rank.Groups.World, new AdamSettings(0.9, 0.95, 1e-8, 0.1), sharded: true) : null;
