@@ -32,6 +32,17 @@ public sealed record MemoryEstimate
     /// <summary>Activations of the micro-batches in flight on the most loaded stage.</summary>
     public double ActivationsBytes { get; init; }
 
+    /// <summary>
+    /// One layer's backward working set on top of what the forward kept: the gradient of the gate/up projections of
+    /// the rank's rows (R · 2F/ETP elements) and the experts' gate/up weight gradient in the compute dtype before it is
+    /// added into the main gradients (⌈E/EP⌉ · 2F/ETP · h elements). Measured on the H200, it is what the peak adds to
+    /// the forward's activations (docs/memory.md, docs/performance.md).
+    /// </summary>
+    public double BackwardBytes { get; init; }
+
+    /// <summary>The weight-gradient part of <see cref="BackwardBytes"/> (a run keeping gradients in the compute dtype holds it as the gradient itself).</summary>
+    public double BackwardWeightGradientBytes { get; init; }
+
     /// <summary>CUDA context, NCCL buffers, allocator slack.</summary>
     public double OverheadBytes { get; init; }
 
@@ -51,7 +62,7 @@ public sealed record MemoryEstimate
     public string RoutingAssumption { get; init; } = "";
 
     /// <summary>The sum.</summary>
-    public double TotalBytes => WeightsBytes + GradientsBytes + OptimizerBytes + ActivationsBytes + OverheadBytes;
+    public double TotalBytes => WeightsBytes + GradientsBytes + OptimizerBytes + ActivationsBytes + BackwardBytes + OverheadBytes;
 
     /// <summary>Whether the total fits in <paramref name="gpu"/>'s memory.</summary>
     public bool FitsOn(GpuSpec gpu) => TotalBytes <= gpu.MemoryGB * 1e9;
@@ -98,6 +109,10 @@ public sealed record MemoryEstimate
         double optimizerPerParam = (bf16 ? 4 : 0) + 8;
 
         var act = Activations(s, layers);
+        // One layer's backward at a time: ∂(gate|up) of the rows, and the gate/up weight gradient before it lands.
+        double computeBytes = bf16 ? 2 : 4;
+        double upWidth = 2.0 * m.IntermediateSize / etp;
+        double weightGradient = Math.Ceiling((double)m.Experts / ep) * upWidth * m.HiddenSize * computeBytes;
         return new MemoryEstimate
         {
             ParametersPerGpu = total,
@@ -105,6 +120,8 @@ public sealed record MemoryEstimate
             GradientsBytes = total * gradBytes,
             OptimizerBytes = dense * optimizerPerParam / (dp * cp) + experts * optimizerPerParam / edp,
             ActivationsBytes = act.Bytes,
+            BackwardBytes = act.Rows * upWidth * computeBytes + weightGradient,
+            BackwardWeightGradientBytes = weightGradient,
             ActivationsUniformBytes = act.UniformBytes,
             RoutedRows = act.Rows,
             RoutedRowsUniform = act.UniformRows,

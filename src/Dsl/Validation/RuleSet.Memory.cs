@@ -30,7 +30,7 @@ public static partial class RuleSet
                 : "No GPU the planner knows holds it; ";
             return One(fits,
                 $"The plan needs about {G(mem.TotalBytes)} GB per GPU on the most loaded rank (weights {G(mem.WeightsBytes)}, " +
-                $"gradients {G(mem.GradientsBytes)}, optimizer state {G(mem.OptimizerBytes)}, activations {G(mem.ActivationsBytes)}, " +
+                $"gradients {G(mem.GradientsBytes)}, optimizer state {G(mem.OptimizerBytes)}, activations {G(mem.ActivationsBytes)}, backward working set {G(mem.BackwardBytes)}, " +
                 $"CUDA/NCCL/allocator {G(mem.OverheadBytes)} GB), more than the {gpu.Name}'s {F(gpu.MemoryGB)} GB. {other}" +
                 $"to hold less per GPU use more Gpus (the distributed optimizer shards optimizer state over data parallel {F(p.DataParallel)} " +
                 $"and expert data parallel {F(p.ExpertDataParallel)}), a larger Expert × ExpertTensor × Pipeline, activation recompute (Recompute = Recompute.FullEveryLayer), or a smaller MicroBatchSize or SequenceLength",

@@ -88,6 +88,22 @@ public class MemoryFormulaTests
     }
 
     [Fact]
+    public void BackwardWorkingSet_ByHand()
+    {
+        // One layer's backward (bf16): ∂gate/up of R = 8192 rows, 8192 · 2 · 14,336 · 2 bytes = 469,762,048, and the
+        // gate/up weight gradient of the 8 experts before it lands, 8 · 2 · 14,336 · 4096 · 2 bytes = 1,879,048,192.
+        var mem = MemoryEstimate.For(OneGpu(2));
+        Assert.Equal(1_879_048_192, mem.BackwardWeightGradientBytes);
+        Assert.Equal(469_762_048.0 + 1_879_048_192, mem.BackwardBytes);
+        Assert.Equal(mem.WeightsBytes + mem.GradientsBytes + mem.OptimizerBytes + mem.ActivationsBytes + mem.BackwardBytes + mem.OverheadBytes, mem.TotalBytes);
+        // Expert parallel 4: each rank holds 2 experts; dropless at the default skew 1.5 the
+        // most loaded rank gets min(1.5 · 4096 · 2, 4 · 4096 · min(2, 2)) = 12,288 rows.
+        var ep = MemoryEstimate.For(OneGpu(2, ep: 4));
+        Assert.Equal(2 * 2 * 14_336 * 4096 * 2.0, ep.BackwardWeightGradientBytes);
+        Assert.Equal(12_288 * 2 * 14_336 * 2.0 + ep.BackwardWeightGradientBytes, ep.BackwardBytes);
+    }
+
+    [Fact]
     public void Activations_FullUniform1_ByHand()
     {
         // 2 chunks × 4096·8192 (checkpoints) + one layer rerun: 67,108,864 + 444,596,224 = 511,705,088 elements.

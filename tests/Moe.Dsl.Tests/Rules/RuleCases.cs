@@ -197,12 +197,14 @@ public static class RuleCases
         // parameters: experts 32 layers × 3·4096·14336 = 5,637,144,576; dense 32 × (41,943,040 attention + 8,192 norms
         // + 32,768 router) + 2 × 32000·4096 embeddings + 4,096 = 1,605,636,096 → 7,242,780,672;
         // weights 2 B (14.49 GB) + gradients 4 B (28.97 GB) + optimizer 12 B sharded (dense /32, experts /4: 17.51 GB)
-        // + activations (39.72 GB, below) + 4 GB = 104.69 GB.
+        // + activations (39.72 GB, below) + backward working set (0.94 GB, below) + 4 GB = 105.63 GB.
         // Activations (docs/memory.md), 32 layers, 4096 tokens, EP 8 at the default routing skew 1.5: rows
         // min(1.5·4096·2, 8·4096·1) = 12,288; per layer 4096·(22,528 + 4096) + 12,288·40,960 = 612,368,384 elements;
         // × 32 layers × 2 bytes = 39,191,576,576, + fp32 log-probabilities 4096·32,000·4 = 524,288,000 → 39.72 GB.
+        // Backward working set: ∂gate/up of the 12,288 rows, 12,288·2·14,336·2 = 704,643,072 bytes, and the rank's one
+        // expert's gate/up weight gradient in bf16, 2·14,336·4096·2 = 234,881,024 → 0.94 GB.
         yield return new(DiagnosticIds.PlanDoesNotFitGpu, "Parallelism.Gpu",
-            ["The plan needs about 104.7 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 39.7", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
+            ["The plan needs about 105.6 GB per GPU", "weights 14.5, gradients 29.0, optimizer state 17.5, activations 39.7, backward working set 0.9", "more than the H100's 80 GB", "It fits on H200, B200 (Gpu = Gpu.H200)"],
             P(p => p with { Gpu = Gpu.H100 }), P(p => p with { Gpu = Gpu.H200 }));
         yield return new(DiagnosticIds.CheckpointIntervalInvalid, "Checkpoint.KeepLast",
             ["Checkpoint KeepLast (0) must be at least 1 (null keeps every checkpoint)"],

@@ -33,6 +33,8 @@ public class BenchEstimateTests
         Assert.Equal(parameters * 2 / Gib, protocol.Terms["gradients"], 9);   // bf16 .grad
         Assert.Equal(0, protocol.Terms["optimizer"]);
         Assert.Equal(activations / Gib, protocol.Terms["activations"], 9);
+        // One layer's backward: ∂gate/up of 8192 rows, 8192 · 28,672 · 2 bytes; its weight gradient is the .grad here.
+        Assert.Equal(8192.0 * 28_672 * 2 / Gib, protocol.Terms["backward"], 9);
         Assert.Equal(4e9 / Gib, protocol.Terms["overhead"], 9);
         Assert.Equal(protocol.Terms.Values.Sum(), protocol.Total, 9);
 
@@ -40,6 +42,8 @@ public class BenchEstimateTests
         var training = BenchEstimate.For(request with { MainGrads = true, Optimizer = true }, config);
         Assert.Equal(parameters * 4 / Gib, training.Terms["gradients"], 9);
         Assert.Equal(parameters * 12 / Gib, training.Terms["optimizer"], 9);
+        // With fp32 main gradients the bf16 gate/up weight gradient, 8 · 28,672 · 4096 · 2 bytes, is held until it lands.
+        Assert.Equal((8192.0 * 28_672 * 2 + 8.0 * 28_672 * 4096 * 2) / Gib, training.Terms["backward"], 9);
     }
 
     [Fact]

@@ -53,6 +53,10 @@ public static class BenchEstimate
             ["gradients"] = r.MainGrads ? e.GradientsBytes : e.ParametersPerGpu * weightBytes,
             ["optimizer"] = r.Optimizer ? e.OptimizerBytes : 0,
             ["activations"] = e.ActivationsUniformBytes,
+            // One layer's backward: ∂gate/up of its rows (at uniform routing, as the activations), and the gate/up weight
+            // gradient before it lands in the fp32 main gradients (with --main-grads false it is the .grad, counted above).
+            ["backward"] = (e.BackwardBytes - e.BackwardWeightGradientBytes) * Math.Min(1, e.RoutedRowsUniform / e.RoutedRows)
+                + (r.MainGrads ? e.BackwardWeightGradientBytes : 0),
             ["overhead"] = e.OverheadBytes,
         };
         var gib = terms.ToDictionary(t => t.Key, t => t.Value / (1L << 30));

@@ -110,6 +110,7 @@ public static class PlanCommand
         Line("activations", G(mem.ActivationsBytes) + $" (micro-batch {s.Training.MicroBatchSize} × {s.Data.SequenceLength} tokens, {mem.RoutingAssumption})");
         Line("  at uniform routing", G(mem.ActivationsUniformBytes));
         Line("  expert rows per layer", $"{I((long)Math.Round(mem.RoutedRows))} (uniform: {I((long)Math.Round(mem.RoutedRowsUniform))})");
+        Line("backward working set", G(mem.BackwardBytes) + " (one layer: ∂gate/up of its rows, the gate/up weight gradient)");
         Line("CUDA, NCCL, allocator", G(mem.OverheadBytes));
         Line("total", $"{G(mem.TotalBytes)} of {gpu.Name}'s {gpu.MemoryGB.ToString(CultureInfo.InvariantCulture)} GB: " +
             (mem.FitsOn(gpu) ? "fits" : $"WILL NOT FIT ({Moe.Dsl.Validation.DiagnosticIds.PlanDoesNotFitGpu})"));
