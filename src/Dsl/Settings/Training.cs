@@ -69,6 +69,21 @@ public sealed record Training
     public bool DistributedOptimizer { get; init; } = true;
 
     /// <summary>
+    /// Overlap the data-parallel gradient reduction with the backward: in each step's last micro-batch, a bucket of
+    /// the experts' gradients starts its reduce-scatter (all-reduce without <see cref="DistributedOptimizer"/>) as soon
+    /// as the experts' backward has written all of it, on a separate NCCL stream, while the lower layers' backward
+    /// runs; the optimizer waits for all. Default false. Megatron: <c>--overlap-grad-reduce</c>. Dense buckets
+    /// (attention, norms, router, embeddings) are still reduced after the backward, as are buckets behind one that is
+    /// not ready (a layer on the per-expert loop path); the losses and parameters are those of the setting off.
+    /// Under pipeline parallel the buckets start during each stage's last backward (1F1B); under a virtual pipeline
+    /// (interleaved schedule) overlap is not implemented yet — a stage's model chunks finish their last backwards at
+    /// different times — and the trainer says at start-up that it reduces after the backward. Nor is the expert
+    /// data-parallel group overlapped where it shares its communicator with a group the backward uses (tensor,
+    /// context or expert parallel over the same ranks); the trainer says so too.
+    /// </summary>
+    public bool OverlapGradReduce { get; init; }
+
+    /// <summary>
     /// How long any collective may wait for the other ranks before the job is aborted with a report naming the
     /// group, the operation and the ranks that never arrived (the environment variable
     /// <c>MOE_DISTRIBUTED_TIMEOUT_SECONDS</c> overrides it). Megatron: <c>--distributed-timeout-minutes</c> (default 10).
