@@ -265,10 +265,18 @@ public class OverlapGradReduceTests
     [InlineData(2, 1, true)]    // DP 2, distributed optimizer (reduce-scatter)
     [InlineData(2, 1, false)]   // DP 2, all-reduce
     [InlineData(4, 2, true)]    // DP 4 × EP 2: expert data parallel 2
-    public void Trainer_WithOverlap_EqualsTheSettingOff_AfterThreeSteps(int gpus, int ep, bool distributedOptimizer)
+    public void Trainer_WithOverlap_EqualsTheSettingOff_AfterThreeSteps(int gpus, int ep, bool distributedOptimizer) =>
+        AssertOverlapEqualsOff(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = gpus, Expert = ep },
+            x => x with { Training = x.Training with { DistributedOptimizer = distributedOptimizer } }));
+
+    [Fact]
+    public void Trainer_WithOverlapUnderPipelineParallel_EqualsTheSettingOff_AfterThreeSteps() =>
+        // DP 2 × PP 2 (1F1B, one layer a stage): each stage's buckets start inside its last backward of the step.
+        AssertOverlapEqualsOff(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 4, Pipeline = 2 }));
+
+    private static void AssertOverlapEqualsOff(RecipeSettings s)
     {
-        var s = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = gpus, Expert = ep },
-            x => x with { Training = x.Training with { DistributedOptimizer = distributedOptimizer } });
+        int gpus = s.Parallelism.Gpus;
         var off = Train(Overlap(s, false));
         var on = Train(Overlap(s, true));
         for (int r = 0; r < gpus; r++)
