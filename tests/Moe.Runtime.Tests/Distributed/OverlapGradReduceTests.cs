@@ -311,4 +311,54 @@ public class OverlapGradReduceTests
         Assert.Contains("Training.OverlapGradReduce is off for this layout", notes[0]);
         Assert.Contains("shares its communicator with the tp group", notes[0]);
     }
+
+    [Fact]
+    public void VirtualPipeline_IsRefusedWithANote()
+    {
+        var s = Overlap(ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2, Pipeline = 2, VirtualPipeline = 2 },
+            x => x with { Model = x.Model with { Layers = 4 } }), true);
+        var notes = InProcessJob.Run(new RankLayout(2, 1, 2, 1, 1, 1, RankOrder.TpCpEpDpPp), TimeSpan.FromSeconds(60), rank =>
+        {
+            var log = new StringWriter();
+            using var trainer = new Trainer(s, rank, log);
+            Assert.All(trainer.Buffers, b => Assert.False(b.OverlapGradReduce));
+            return log.ToString();
+        });
+        Assert.Contains("Training.OverlapGradReduce is off for this layout: a virtual pipeline (2 model chunks per stage)", notes[0]);
+    }
+
+    [Fact]
+    public void Bench_WithOverlapGradReduce_RunsAndSaysSo()
+    {
+        var output = new StringWriter();
+        Assert.Equal(0, Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 2, 32, 1, 1, "cpu", Gpus: 2, MicroBatches: 2, OverlapGradReduce: true), output));
+        using var doc = System.Text.Json.JsonDocument.Parse(output.ToString());
+        Assert.True(doc.RootElement.GetProperty("overlap_grad_reduce").GetBoolean());
+        Assert.Equal(2, doc.RootElement.GetProperty("dp").GetInt32());
+    }
+
+    [Fact]
+    public void Bench_WithOverlapGradReduceWithoutMainGrads_IsAUserError()
+    {
+        var e = Assert.Throws<UserError>(() => Moe.Runtime.Commands.Bench.BenchCommand.Execute(new("tiny", 2, 32, 1, 1, "cpu", MainGrads: false, OverlapGradReduce: true), TextWriter.Null));
+        Assert.Contains("--overlap-grad-reduce", e.Message);
+    }
+
+    [Fact]
+    public void CommandLine_OverlapGradReduce_OverridesTheRecipe()
+    {
+        var recipe = ParallelEquivalenceTests.Tiny(new Parallelism { Gpus = 2 });
+        var options = new Moe.Runtime.Commands.RecipeOptions(recipe);
+        var command = new System.CommandLine.RootCommand();
+        options.AddTo(command);
+        Assert.False(options.Apply(recipe, command.Parse([])).Training.OverlapGradReduce);
+        Assert.True(options.Apply(recipe, command.Parse(["--overlap-grad-reduce"])).Training.OverlapGradReduce);
+        // A recipe that turns it on: the default follows the recipe, and the command line can turn it off.
+        var on = Overlap(recipe, true);
+        var onOptions = new Moe.Runtime.Commands.RecipeOptions(on);
+        var onCommand = new System.CommandLine.RootCommand();
+        onOptions.AddTo(onCommand);
+        Assert.True(onOptions.Apply(on, onCommand.Parse([])).Training.OverlapGradReduce);
+        Assert.False(onOptions.Apply(on, onCommand.Parse(["--overlap-grad-reduce", "false"])).Training.OverlapGradReduce);
+    }
 }
