@@ -8,6 +8,7 @@ run() { echo "== $*" | tee -a $OUT/bench.log; timeout 300 "$@" 2>>$OUT/bench.log
 run $M bench $B --iters 10
 run $M bench $B --micro-batches 8 --iters 4
 run $M bench $B --gpus 2 --micro-batches 8 --iters 4
+run $M bench $B --gpus 2 --micro-batches 8 --iters 4 --overlap-grad-reduce   # issue 11: against the line above
 run $M bench $B --gpus 2 --ep 2 --iters 10
 run $M bench $B --gpus 2 --ep 2 --micro-batches 8 --iters 4
 run $M bench $B --gpus 2 --ep 2 --dispatcher allgather --iters 10
