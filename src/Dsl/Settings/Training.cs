@@ -75,11 +75,10 @@ public sealed record Training
     /// runs; the optimizer waits for all. Default false. Megatron: <c>--overlap-grad-reduce</c>. Dense buckets
     /// (attention, norms, router, embeddings) are still reduced after the backward, as are buckets behind one that is
     /// not ready (a layer on the per-expert loop path); the losses and parameters are those of the setting off.
-    /// Under pipeline parallel the buckets start during each stage's last backward (1F1B); under a virtual pipeline
-    /// (interleaved schedule) overlap is not implemented yet — a stage's model chunks finish their last backwards at
-    /// different times — and the trainer says at start-up that it reduces after the backward. Nor is the expert
-    /// data-parallel group overlapped where it shares its communicator with a group the backward uses (tensor,
-    /// context or expert parallel over the same ranks); the trainer says so too.
+    /// Under pipeline parallel a bucket starts in the last backward of the step that gives its parameters their
+    /// gradient (with a virtual pipeline, each model chunk's own last backward). The expert data-parallel group is
+    /// not overlapped where it shares its communicator with a group the backward uses (tensor, context or expert
+    /// parallel over the same ranks, e.g. TP 2 with ETP 1 on two GPUs); the trainer says so at start-up.
     /// </summary>
     public bool OverlapGradReduce { get; init; }
 

@@ -79,6 +79,7 @@ public sealed class GradientBuffer : IDisposable
     private int _nextToStart;
     private bool _armed;
     private bool _armedSharded;
+    private int _armedWindows;
 
     /// <param name="name">"dense" or "expert", for reports.</param>
     /// <param name="parameters">The parameters in backward order (the reverse of the forward's use), with their decay and norm flags.</param>
@@ -221,7 +222,10 @@ public sealed class GradientBuffer : IDisposable
         if (_handles.Any(h => h is not null))
             throw new InvalidOperationException($"The {Name} gradient buffer still has bucket reductions in flight: Reduce must end a step before the next binds the gradients.");
         _armed = false;
+        _armedWindows = 0;
         _nextToStart = 0;
+        _arrived.Clear();
+        Array.Clear(_arrivedPerBucket);
         if (Direct)
         {
             foreach (var e in _entries) e.Parameter.grad = null;
@@ -280,7 +284,7 @@ public sealed class GradientBuffer : IDisposable
             foreach (var b in _buckets) ReduceBucket(b, sharded);
             return;
         }
-        if (_nextToStart > 0 && _armedSharded != sharded)
+        if (_armedWindows > 0 && _armedSharded != sharded)
             throw new InvalidOperationException($"The {Name} gradient buffer started reductions as {(_armedSharded ? "reduce-scatters" : "all-reduces")} but Reduce asks for {(sharded ? "reduce-scatters" : "all-reduces")}.");
         while (_nextToStart < _buckets.Count) Start(_buckets[_nextToStart++], sharded, duringBackward: false);
         // Before the optimizer reads the gradients: libtorch's stream waits for every reduction (the host does not).
@@ -294,17 +298,20 @@ public sealed class GradientBuffer : IDisposable
     }
 
     /// <summary>
-    /// Opens the readiness window of the step's last micro-batch (call before its backward; overlap only): from now
-    /// on a bucket whose every sink has received its gradient is scaled and its reduction started, in bucket order.
-    /// <paramref name="sharded"/> must be what <see cref="Reduce"/> will be given.
+    /// Opens a readiness window (call just before a backward; overlap only): until <see cref="AccumulateMicroBatch"/>,
+    /// a gradient arriving in a sink is that parameter's last of the step, and a bucket whose every sink has had its
+    /// last gradient is scaled and its reduction started, in bucket order. The window is the step's last backward; under
+    /// a virtual pipeline each model chunk's last backward (only that chunk's layers get gradients in it), arrivals adding
+    /// up over the step's windows. <paramref name="sharded"/> must be what <see cref="Reduce"/> will be given.
     /// </summary>
     public void BeginLastMicroBatch(bool sharded)
     {
         if (!OverlapGradReduce) return;
+        if (_armedWindows > 0 && _armedSharded != sharded)
+            throw new InvalidOperationException($"The {Name} gradient buffer's readiness windows of one step disagree on sharding.");
         _armed = true;
+        _armedWindows++;
         _armedSharded = sharded;
-        _arrived.Clear();
-        Array.Clear(_arrivedPerBucket);
     }
 
     /// <summary>A sink received a gradient: in the last micro-batch, start the buckets that are now ready, in order.</summary>

@@ -9,25 +9,17 @@ namespace Moe.Runtime.Training;
 /// rank of a group decides alike.
 /// </summary>
 /// <remarks>
-/// Two cases are refused, each said at start-up rather than run differently in silence:
-/// <list type="bullet">
-/// <item>A virtual pipeline (interleaved schedule): a stage's model chunks get their last gradients at different points
-/// of its schedule, and the buffers only know "the stage's last backward" (<see cref="GradientBuffer.BeginLastMicroBatch"/>).
-/// Megatron starts each bucket when its own parameters are done; doing that here needs a readiness window per chunk.</item>
-/// <item>The expert data-parallel communicator is the very communicator of a group the backward uses (the groups of equal
-/// ranks share one: <see cref="ProcessGroups"/>): a reduction started inside the backward would share its communicator with
-/// the backward's tensor-, context- or expert-parallel collectives on another stream, which NCCL does not order. Megatron
-/// never meets this, since every family there is its own process group.</item>
-/// </list>
+/// One case is refused, said at start-up rather than run differently in silence: the expert data-parallel communicator is
+/// the very communicator of a group the backward uses (the groups of equal ranks share one: <see cref="ProcessGroups"/>).
+/// A reduction started inside the backward would share its communicator with the backward's tensor-, context-, expert-
+/// or pipeline-parallel collectives on another stream, which NCCL does not order. Megatron never meets this, since
+/// every family there is its own process group.
 /// </remarks>
 public static class GradientOverlap
 {
     /// <summary>Why overlap cannot run on this rank's layout, or null when it can.</summary>
     public static string? Refusal(MixtralModel model, ProcessGroups groups)
     {
-        if (model.Stage.ChunkCount > 1)
-            return $"a virtual pipeline ({model.Stage.ChunkCount} model chunks per stage) finishes each chunk's last backward at a different point of the schedule; " +
-                "readiness per chunk is not implemented, so every bucket is reduced after the backward";
         var edp = groups.Edp;
         if (edp.Size == 1) return null;
         foreach (var family in new[] { "tp", "cp", "ep", "expert_tp", "tp_ep", "pp" })
