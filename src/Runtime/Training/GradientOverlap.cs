@@ -22,7 +22,7 @@ public static class GradientOverlap
     {
         var edp = groups.Edp;
         if (edp.Size == 1) return null;
-        foreach (var family in new[] { "tp", "cp", "ep", "expert_tp", "tp_ep", "pp" })
+        foreach (var family in new[] { "tp", "cp", "tp_cp", "ep", "expert_tp", "tp_ep", "pp" })
         {
             var used = groups[family];
             if (used.Size > 1 && ReferenceEquals(used, edp))
