@@ -353,4 +353,69 @@ public class OverlapGradReduceTests
         Assert.True(onOptions.Apply(on, onCommand.Parse([])).Training.OverlapGradReduce);
         Assert.False(onOptions.Apply(on, onCommand.Parse(["--overlap-grad-reduce", "false"])).Training.OverlapGradReduce);
     }
+
+    // ---- The asynchronous collectives of the in-process backend ----
+
+    private static T[] OnRanks<T>(int size, Func<Moe.Runtime.Distributed.Communicator, T> body)
+    {
+        var world = new InProcessWorld(size, TimeSpan.FromSeconds(20));
+        var results = new T[size];
+        var errors = new Exception?[size];
+        var threads = Enumerable.Range(0, size).Select(r => new Thread(() =>
+        {
+            try { results[r] = body(world.Communicator(r)); }
+            catch (Exception e) { errors[r] = e; world.Abort(e.Message); }
+        })).ToArray();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        var first = errors.FirstOrDefault(e => e is not null);
+        if (first is not null) throw first;
+        return results;
+    }
+
+    [Fact]
+    public void AsyncCollectives_GiveTheSynchronousResults_InCallOrderAmongTheOthers()
+    {
+        // Rank r: [1, 2, 3, 4]·(r + 1). Reduce-scatter sum [3, 6, 9, 12] → rank 0 [3, 6], rank 1 [9, 12]; then a synchronous
+        // all-reduce of [r] → [1]; then an async all-reduce of [10·(r + 1)] → [30]. Each takes its place in the group's order.
+        var results = OnRanks(2, c =>
+        {
+            var input = torch.tensor(new float[] { 1, 2, 3, 4 }) * (c.Rank + 1);
+            var output = torch.zeros(2);
+            var rs = c.ReduceScatterAsync(input, output);
+            var mid = torch.tensor(new float[] { c.Rank });
+            c.AllReduce(mid);
+            var last = torch.tensor(new float[] { 10 * (c.Rank + 1) });
+            var ar = c.AllReduceAsync(last);
+            rs.Wait();
+            ar.Wait();
+            ar.Wait();   // idempotent
+            return (output.data<float>().ToArray(), mid.item<float>(), last.item<float>(), c.Recent.Select(x => x.Operation).ToArray());
+        });
+        Assert.Equal(new float[] { 3, 6 }, results[0].Item1);
+        Assert.Equal(new float[] { 9, 12 }, results[1].Item1);
+        Assert.All(results, r =>
+        {
+            Assert.Equal(1f, r.Item2);
+            Assert.Equal(30f, r.Item3);
+            Assert.Equal(["reduce_scatter", "all_reduce", "all_reduce"], r.Item4);
+        });
+    }
+
+    [Fact]
+    public void AsyncCollectiveIssuedOutOfOrderOnOneRank_IsReportedAsAMismatch()
+    {
+        // Rank 0 starts the reduce-scatter first, rank 1 the all-reduce first: operation #1 differs across members.
+        var e = Assert.ThrowsAny<Exception>(() => OnRanks(2, c =>
+        {
+            var input = torch.ones(4);
+            var output = torch.zeros(2);
+            var one = torch.ones(1);
+            if (c.Rank == 0) { c.ReduceScatterAsync(input, output); c.AllReduce(one); }
+            else { c.AllReduce(one); c.ReduceScatterAsync(input, output); }
+            return 0;
+        }));
+        Assert.Contains("does not match across members", e.Message);
+    }
 }
+
