@@ -69,6 +69,20 @@ public sealed record Training
     public bool DistributedOptimizer { get; init; } = true;
 
     /// <summary>
+    /// Overlap the data-parallel gradient reduction with the backward: in each step's last micro-batch, a bucket of
+    /// the experts' gradients starts its reduce-scatter (all-reduce without <see cref="DistributedOptimizer"/>) as soon
+    /// as the experts' backward has written all of it, on a separate NCCL stream, while the lower layers' backward
+    /// runs; the optimizer waits for all. Default false. Megatron: <c>--overlap-grad-reduce</c>. Dense buckets
+    /// (attention, norms, router, embeddings) are still reduced after the backward, as are buckets behind one that is
+    /// not ready (a layer on the per-expert loop path); the losses and parameters are those of the setting off.
+    /// Under pipeline parallel a bucket starts in the last backward of the step that gives its parameters their
+    /// gradient (with a virtual pipeline, each model chunk's own last backward). The expert data-parallel group is
+    /// not overlapped where it shares its communicator with a group the backward uses (tensor, context or expert
+    /// parallel over the same ranks, e.g. TP 2 with ETP 1 on two GPUs); the trainer says so at start-up.
+    /// </summary>
+    public bool OverlapGradReduce { get; init; }
+
+    /// <summary>
     /// How long any collective may wait for the other ranks before the job is aborted with a report naming the
     /// group, the operation and the ranks that never arrived (the environment variable
     /// <c>MOE_DISTRIBUTED_TIMEOUT_SECONDS</c> overrides it). Megatron: <c>--distributed-timeout-minutes</c> (default 10).

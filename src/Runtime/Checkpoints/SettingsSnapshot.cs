@@ -9,7 +9,7 @@ namespace Moe.Runtime.Checkpoints;
 /// A recipe's settings as a flat map of setting paths to JSON values ("Training.Seed": 1234, "Capacity.Factor": null),
 /// saved in a checkpoint and compared with the resuming recipe. Three kinds of setting:
 /// <list type="bullet">
-/// <item>free — the layout (Parallelism.*, the dispatcher, the distributed optimizer, the micro-batch size), where
+/// <item>free — the layout (Parallelism.*, the dispatcher, the distributed optimizer, gradient-reduction overlap, the micro-batch size), where
 /// checkpoints go (Checkpoint.*), the precision, NCCL and names, and the data and tokenizer paths (a moved dataset is
 /// noted, not refused): a checkpoint is resharded to any of them;</item>
 /// <item>shape — the model's architecture (hidden, FFN, layers, heads, KV heads, head dim, experts, vocabulary, tied
@@ -23,7 +23,7 @@ public static class SettingsSnapshot
 {
     private static readonly string[] Free =
     [
-        "Name", "Unknown", "Parallelism", "Dispatcher", "Checkpoint", "Nccl", "Training.DistributedOptimizer", "Training.DistributedTimeoutMinutes",
+        "Name", "Unknown", "Parallelism", "Dispatcher", "Checkpoint", "Nccl", "Training.DistributedOptimizer", "Training.DistributedTimeoutMinutes", "Training.OverlapGradReduce",
         "Training.MicroBatchSize", "Training.Precision", "Model.Name", "Model.HubId", "Data.Prefix", "Data.Tokenizer",
     ];
 

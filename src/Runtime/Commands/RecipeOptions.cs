@@ -34,6 +34,7 @@ public sealed class RecipeOptions
     public Option<int?> KeepLast { get; }
     public Option<int> Seed { get; }
     public Option<string> Precision { get; }
+    public Option<bool> OverlapGradReduce { get; }
     public RecomputeOptions Recompute { get; }
 
     public RecipeOptions(RecipeSettings defaults)
@@ -91,12 +92,17 @@ public sealed class RecipeOptions
             DefaultValueFactory = _ => t.Precision == Dsl.Precision.Bf16 ? "bf16" : "fp32",
         };
         Precision.AcceptOnlyFromAmong("bf16", "fp32");
+        OverlapGradReduce = new Option<bool>("--overlap-grad-reduce")
+        {
+            Description = Doc("Training.OverlapGradReduce", "Overlap the expert gradients' data-parallel reduction with the backward. Megatron: --overlap-grad-reduce."),
+            DefaultValueFactory = _ => t.OverlapGradReduce,
+        };
         Recompute = new RecomputeOptions(defaults.Recompute);
     }
 
     /// <summary>Every option, in the order help lists them.</summary>
     public IEnumerable<Option> All => [Gpus, Tensor, Pipeline, Context, Expert, ExpertTensor, SequenceParallel, Order,
-        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, SaveInterval, KeepLast, Seed, Precision, .. Recompute.All];
+        MicroBatchSize, GlobalBatchSize, Steps, WarmupSteps, EvalInterval, LearningRate, SequenceLength, DataPath, Load, Save, SaveInterval, KeepLast, Seed, Precision, OverlapGradReduce, .. Recompute.All];
 
     /// <summary>Adds every option to a command.</summary>
     public void AddTo(Command command)
@@ -128,6 +134,7 @@ public sealed class RecipeOptions
             LearningRate = parse.GetValue(LearningRate),
             Seed = parse.GetValue(Seed),
             Precision = parse.GetValue(Precision) == "fp32" ? Dsl.Precision.Fp32 : Dsl.Precision.Bf16,
+            OverlapGradReduce = parse.GetValue(OverlapGradReduce),
         },
         Data = recipe.Data with
         {

@@ -98,6 +98,32 @@ public abstract class Communicator : IDisposable
         Run("reduce_scatter", input, seq => ReduceScatterCore(input, output, op, seq));
     }
 
+    /// <summary>
+    /// Starts <see cref="AllReduce"/> without making the compute stream wait for it: <see cref="CollectiveHandle.Wait"/>
+    /// does that (Megatron's async_op=True for --overlap-grad-reduce). It takes its place in the group's order of
+    /// operations when it is called, as any other operation; the tensor must stay alive and untouched until Wait.
+    /// </summary>
+    public CollectiveHandle AllReduceAsync(Tensor tensor, ReduceOp op = ReduceOp.Sum)
+    {
+        if (Size == 1) return CollectiveHandle.Completed;
+        CollectiveHandle? handle = null;
+        Run("all_reduce", tensor, seq => handle = AllReduceAsyncCore(tensor, op, seq));
+        return handle!;
+    }
+
+    /// <summary>
+    /// Starts <see cref="ReduceScatter"/> without making the compute stream wait for it: <see cref="CollectiveHandle.Wait"/>
+    /// does that. Ordered among the group's operations by the call, as <see cref="AllReduceAsync"/>.
+    /// </summary>
+    public CollectiveHandle ReduceScatterAsync(Tensor input, Tensor output, ReduceOp op = ReduceOp.Sum)
+    {
+        CheckBlocks(input, output, "reduce_scatter");
+        if (Size == 1) { output.copy_(input); return CollectiveHandle.Completed; }
+        CollectiveHandle? handle = null;
+        Run("reduce_scatter", input, seq => handle = ReduceScatterAsyncCore(input, output, op, seq));
+        return handle!;
+    }
+
     /// <summary>Concatenates every member's <paramref name="input"/> (n rows) along dim 0 into <paramref name="output"/> (Size·n rows), in rank order.</summary>
     public void AllGather(Tensor input, Tensor output)
     {
@@ -177,6 +203,23 @@ public abstract class Communicator : IDisposable
     protected abstract void ExchangeCore(IReadOnlyList<PeerTransfer> transfers, long sequence);
     protected abstract void BarrierCore(long sequence);
 
+    /// <summary>
+    /// The asynchronous all-reduce; by default it runs synchronously (the in-process backend: its ranks are threads,
+    /// the result is there when the call returns) and the handle's Wait does nothing.
+    /// </summary>
+    protected virtual CollectiveHandle AllReduceAsyncCore(Tensor tensor, ReduceOp op, long sequence)
+    {
+        AllReduceCore(tensor, op, sequence);
+        return CollectiveHandle.Completed;
+    }
+
+    /// <summary>The asynchronous reduce-scatter; synchronous by default, as <see cref="AllReduceAsyncCore"/>.</summary>
+    protected virtual CollectiveHandle ReduceScatterAsyncCore(Tensor input, Tensor output, ReduceOp op, long sequence)
+    {
+        ReduceScatterCore(input, output, op, sequence);
+        return CollectiveHandle.Completed;
+    }
+
     private void CheckBlocks(Tensor whole, Tensor block, string op)
     {
         if (whole.shape.Length == 0 || block.shape.Length == 0 || whole.shape[0] != block.shape[0] * Size
@@ -219,6 +262,25 @@ public abstract class Communicator : IDisposable
 
     /// <summary>Releases the backend's resources for this group.</summary>
     public virtual void Dispose() => GC.SuppressFinalize(this);
+}
+
+/// <summary>
+/// An operation started by <see cref="Communicator.AllReduceAsync"/> or <see cref="Communicator.ReduceScatterAsync"/>
+/// (torch.distributed's Work). <see cref="Wait"/> makes the compute stream — libtorch's, where every later kernel runs —
+/// wait for the operation; the host does not block. Its deadline is the group's, watched from the moment it starts.
+/// </summary>
+public abstract class CollectiveHandle
+{
+    /// <summary>A handle of an operation already complete (size-1 groups, synchronous backends): Wait does nothing.</summary>
+    public static readonly CollectiveHandle Completed = new CompletedHandle();
+
+    /// <summary>Makes the compute stream wait for the operation (its outputs are then ready for later kernels). Idempotent.</summary>
+    public abstract void Wait();
+
+    private sealed class CompletedHandle : CollectiveHandle
+    {
+        public override void Wait() { }
+    }
 }
 
 /// <summary>One operation a rank issued in a group, for hang reports.</summary>

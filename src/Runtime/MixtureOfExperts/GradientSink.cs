@@ -28,7 +28,14 @@ public sealed class GradientSink
         if (Fresh) MainGradient.copy_(gradient);
         else MainGradient.add_(gradient);
         Fresh = false;
+        Arrived?.Invoke(this);
     }
+
+    /// <summary>
+    /// Told after each gradient has been accumulated: the gradient buffer's readiness tracking for
+    /// Training.OverlapGradReduce (TorchSharp has no autograd hooks; this is where Megatron's grad hook would fire).
+    /// </summary>
+    public Action<GradientSink>? Arrived { get; set; }
 }
 
 /// <summary>The sinks of one layer's experts (gate_up, down); <see cref="None"/> accumulates into <c>.grad</c>.</summary>

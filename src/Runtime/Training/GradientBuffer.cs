@@ -50,6 +50,18 @@ public sealed record GradientBucket(int Index, long Start, long Length, int Firs
 /// contiguous shard — the slice the distributed optimizer owns. Gradients are pre-scaled by
 /// <see cref="GradientScale"/> (Megatron's gradient_scaling_factor, 1/DP by default) and summed.
 /// </para>
+/// <para>
+/// Overlap (<c>overlap</c>, Training.OverlapGradReduce, Megatron's --overlap-grad-reduce): in the step's last
+/// micro-batch (<see cref="BeginLastMicroBatch"/>) a bucket is ready once every one of its parameters' sinks has
+/// received its gradient (<see cref="GradientSink.Arrived"/>: the experts' backward accumulates there — TorchSharp has
+/// no autograd hooks, and Megatron's grad hook fires at the same point); it is then scaled and its reduction started
+/// asynchronously (<see cref="Communicator.ReduceScatterAsync"/>) while the backward goes on. Buckets start strictly in
+/// bucket order — backward order, the same on every rank — so the group's operations pair up; a bucket that is not
+/// ready (a parameter whose gradient comes through autograd, a layer whose backward did not run) holds back the later
+/// ones until <see cref="Reduce"/>, which starts the rest after the backward and waits for all. Only direct buffers
+/// have sinks, so an overlapping buffer is made direct even in fp32 (the sums are the same: the first micro-batch's
+/// gradient is copied where 0 + g was added).
+/// </para>
 /// </remarks>
 public sealed class GradientBuffer : IDisposable
 {
@@ -58,6 +70,16 @@ public sealed class GradientBuffer : IDisposable
     private bool _firstMicroBatch = true;
     private bool _modelGradDirty;
     private readonly Dictionary<Parameter, GradientSink> _sinks = new(ReferenceEqualityComparer.Instance);
+    // Overlap: the bucket of each sink, the sinks that arrived in the last micro-batch per bucket, the handles of the
+    // buckets started this step (null: not started), the next bucket to start, and whether the window is open.
+    private readonly Dictionary<GradientSink, int> _bucketOf = new(ReferenceEqualityComparer.Instance);
+    private readonly HashSet<GradientSink> _arrived = new(ReferenceEqualityComparer.Instance);
+    private int[] _arrivedPerBucket = [];
+    private CollectiveHandle?[] _handles = [];
+    private int _nextToStart;
+    private bool _armed;
+    private bool _armedSharded;
+    private int _armedWindows;
 
     /// <param name="name">"dense" or "expert", for reports.</param>
     /// <param name="parameters">The parameters in backward order (the reverse of the forward's use), with their decay and norm flags.</param>
@@ -70,8 +92,13 @@ public sealed class GradientBuffer : IDisposable
     /// then not allocated. A gradient autograd still produces (a fallback path) is moved into the main gradient
     /// when the micro-batch is accumulated.
     /// </param>
+    /// <param name="overlap">
+    /// Start each bucket's reduction during the last micro-batch's backward, as soon as its gradients are in (Megatron's
+    /// --overlap-grad-reduce); with <paramref name="direct"/>, also for fp32 parameters (the readiness signal is the sink).
+    /// Without sinks every bucket is reduced after the backward, on the same asynchronous path.
+    /// </param>
     public GradientBuffer(string name, IReadOnlyList<(string Name, Parameter Parameter, bool Decays, bool CountedInNorm)> parameters,
-        Communicator group, long bucketElements, double gradientScale, bool direct = false)
+        Communicator group, long bucketElements, double gradientScale, bool direct = false, bool overlap = false)
     {
         if (parameters.Count == 0) throw new ArgumentException($"The {name} gradient buffer has no parameters.");
         var dtype = parameters[0].Parameter.dtype;
@@ -100,15 +127,37 @@ public sealed class GradientBuffer : IDisposable
         }
         Length = offset;
         MainGrad = torch.zeros(Length, dtype: ScalarType.Float32, device: device);
-        bool sinks = direct && dtype != ScalarType.Float32;
+        OverlapGradReduce = overlap;
+        bool sinks = direct && (dtype != ScalarType.Float32 || overlap);
         ModelGrad = dtype == ScalarType.Float32 || sinks ? null : torch.zeros(Length, dtype: dtype, device: device);
         if (sinks)
             foreach (var e in _entries) _sinks[e.Parameter] = new GradientSink(MainGrad.narrow(0, e.Offset, e.Numel).view(e.Parameter.shape));
+        if (overlap)
+        {
+            foreach (var b in _buckets)
+                foreach (var e in EntriesOf(b))
+                    if (_sinks.TryGetValue(e.Parameter, out var sink))
+                    {
+                        _bucketOf[sink] = b.Index;
+                        sink.Arrived = Arrived;
+                    }
+            _arrivedPerBucket = new int[_buckets.Count];
+            _handles = new CollectiveHandle?[_buckets.Count];
+        }
         BindGradients();
     }
 
     /// <summary>"dense" or "expert".</summary>
     public string Name { get; }
+
+    /// <summary>Whether buckets are reduced asynchronously, started during the last backward when ready (Training.OverlapGradReduce).</summary>
+    public bool OverlapGradReduce { get; }
+
+    /// <summary>
+    /// Told when a bucket's reduction starts: true while the last micro-batch's backward is still running (the
+    /// overlap), false for the buckets <see cref="Reduce"/> starts after it. For tests and traces.
+    /// </summary>
+    public event Action<GradientBucket, bool>? BucketStarted;
 
     /// <summary>The group that reduces these gradients (dp_cp for dense, expert_dp for experts).</summary>
     public Communicator Group { get; }
@@ -170,6 +219,13 @@ public sealed class GradientBuffer : IDisposable
     {
         using var _ = torch.no_grad();
         _firstMicroBatch = true;
+        if (_handles.Any(h => h is not null))
+            throw new InvalidOperationException($"The {Name} gradient buffer still has bucket reductions in flight: Reduce must end a step before the next binds the gradients.");
+        _armed = false;
+        _armedWindows = 0;
+        _nextToStart = 0;
+        _arrived.Clear();
+        Array.Clear(_arrivedPerBucket);
         if (Direct)
         {
             foreach (var e in _entries) e.Parameter.grad = null;
@@ -190,6 +246,7 @@ public sealed class GradientBuffer : IDisposable
     /// </summary>
     public void AccumulateMicroBatch()
     {
+        _armed = false;   // the last backward is over: what is not started yet, Reduce starts
         if (Direct)
         {
             // Gradients autograd produced itself (the per-expert loop) go into the main gradients too.
@@ -219,9 +276,74 @@ public sealed class GradientBuffer : IDisposable
     public void Reduce(bool sharded)
     {
         using var _ = torch.no_grad();
+        _armed = false;
         foreach (var sink in _sinks.Values)
             if (sink.Fresh) sink.MainGradient.zero_();   // no gradient arrived this step: it is zero, not last step's
-        foreach (var b in _buckets) ReduceBucket(b, sharded);
+        if (!OverlapGradReduce)
+        {
+            foreach (var b in _buckets) ReduceBucket(b, sharded);
+            return;
+        }
+        if (_armedWindows > 0 && _armedSharded != sharded)
+            throw new InvalidOperationException($"The {Name} gradient buffer started reductions as {(_armedSharded ? "reduce-scatters" : "all-reduces")} but Reduce asks for {(sharded ? "reduce-scatters" : "all-reduces")}.");
+        while (_nextToStart < _buckets.Count) Start(_buckets[_nextToStart++], sharded, duringBackward: false);
+        // Before the optimizer reads the gradients: libtorch's stream waits for every reduction (the host does not).
+        // Waiting here, not later, also keeps later operations of the same group (the step's metric sums on dp_cp)
+        // from running beside these on another stream.
+        for (int i = 0; i < _handles.Length; i++)
+        {
+            _handles[i]?.Wait();
+            _handles[i] = null;
+        }
+    }
+
+    /// <summary>
+    /// Opens a readiness window (call just before a backward; overlap only): until <see cref="AccumulateMicroBatch"/>,
+    /// a gradient arriving in a sink is that parameter's last of the step, and a bucket whose every sink has had its
+    /// last gradient is scaled and its reduction started, in bucket order. The window is the step's last backward; under
+    /// a virtual pipeline each model chunk's last backward (only that chunk's layers get gradients in it), arrivals adding
+    /// up over the step's windows. <paramref name="sharded"/> must be what <see cref="Reduce"/> will be given.
+    /// </summary>
+    public void BeginLastMicroBatch(bool sharded)
+    {
+        if (!OverlapGradReduce) return;
+        if (_armedWindows > 0 && _armedSharded != sharded)
+            throw new InvalidOperationException($"The {Name} gradient buffer's readiness windows of one step disagree on sharding.");
+        _armed = true;
+        _armedWindows++;
+        _armedSharded = sharded;
+    }
+
+    /// <summary>A sink received a gradient: in the last micro-batch, start the buckets that are now ready, in order.</summary>
+    private void Arrived(GradientSink sink)
+    {
+        int b = _bucketOf[sink];
+        if (_handles[b] is not null)
+            throw new InvalidOperationException($"A gradient arrived in bucket {b} of the {Name} gradient buffer after its reduction had started " +
+                "(a parameter's gradient came twice in the last micro-batch); the reduced gradients would be wrong.");
+        if (!_armed || !_arrived.Add(sink)) return;
+        _arrivedPerBucket[b]++;
+        using var _ = torch.no_grad();
+        while (_nextToStart < _buckets.Count && _arrivedPerBucket[_nextToStart] == _buckets[_nextToStart].EntryCount)
+            Start(_buckets[_nextToStart++], _armedSharded, duringBackward: true);
+    }
+
+    /// <summary>Scales a bucket and starts its reduction (a view of the persistent main gradients: see the NCCL backend's note).</summary>
+    private void Start(GradientBucket b, bool sharded, bool duringBackward)
+    {
+        using (var view = MainGrad.narrow(0, b.Start, b.Length))
+        {
+            if (GradientScale != 1.0) view.mul_(GradientScale);
+            if (Group.Size == 1) _handles[b.Index] = CollectiveHandle.Completed;   // the sum over one member is in place already
+            else if (!sharded) _handles[b.Index] = Group.AllReduceAsync(view);
+            else
+            {
+                var (start, length) = Shard(b);
+                using var shard = MainGrad.narrow(0, start, length);
+                _handles[b.Index] = Group.ReduceScatterAsync(view, shard);
+            }
+        }
+        BucketStarted?.Invoke(b, duringBackward);
     }
 
     private void ReduceBucket(GradientBucket b, bool sharded)

@@ -88,7 +88,13 @@ public sealed class PipelineRunner
     /// <param name="sums">The step's metric sums.</param>
     /// <param name="forwardOnly">Evaluation: no backward, no aux losses attached.</param>
     /// <param name="afterBackward">Called after each backward (gradient-buffer accumulation).</param>
-    public void Step(Func<int, MicroBatchInputs> input, int microBatches, Tensor sums, bool forwardOnly = false, Action? afterBackward = null)
+    /// <param name="beforeLastBackward">
+    /// Called before each model chunk's last backward of the step, in which that chunk's layers receive their last
+    /// gradient (<see cref="GradientBuffer.BeginLastMicroBatch"/>); without a virtual pipeline, once, before the stage's
+    /// last backward.
+    /// </param>
+    public void Step(Func<int, MicroBatchInputs> input, int microBatches, Tensor sums, bool forwardOnly = false, Action? afterBackward = null,
+        Action? beforeLastBackward = null)
     {
         int pp = _stage.Stages, chunks = _stage.ChunkCount;
         var read = new Dictionary<int, MicroBatchInputs>();
@@ -96,6 +102,10 @@ public sealed class PipelineRunner
         input = m => read.TryGetValue(m, out var x) ? x : read[m] = uncached(m);
         var schedules = Enumerable.Range(0, pp).Select(s => PipelineSchedules.For(pp, s, microBatches, chunks, forwardOnly)).ToArray();
         var mine = schedules[_stage.Stage];
+        // Each chunk's last backward of the step: its layers' parameters get their last gradient there.
+        var lastBackwardOf = new Dictionary<int, int>();
+        for (int i = 0; i < mine.Count; i++)
+            if (mine[i].Backward) lastBackwardOf[mine[i].Chunk] = i;
         var first = input(0);
         // Under sequence parallel the residual stream between stages holds this tensor rank's S / TP positions.
         var channel = new Channel(_pp, _stage, schedules, [first.TokensBS.shape[0], first.TokensBS.shape[1] / _model.TensorParallel.Size, _model.Config.HiddenSize]);
@@ -118,6 +128,7 @@ public sealed class PipelineRunner
                 {
                     using var l = live[(a.MicroBatch, a.Chunk)];
                     live.Remove((a.MicroBatch, a.Chunk));
+                    if (lastBackwardOf[a.Chunk] == i) beforeLastBackward?.Invoke();
                     if (_stage.IsLastVirtual(a.Chunk)) l.Output.backward();
                     else
                     {

@@ -125,7 +125,13 @@ public sealed class Trainer : IDisposable
 
         // 4. Gradient buffers and the optimizer over them.
         Parameters = _model.ParametersInForwardOrder().ToList();
-        _buffers.AddRange(BuffersFor(_model, Parameters, rank.Groups));
+        bool overlap = settings.Training.OverlapGradReduce;
+        if (overlap && GradientOverlap.Refusal(_model, rank.Groups) is string refusal)
+        {
+            if (rank.Reports) log.WriteLine($"note: Training.OverlapGradReduce is off for this layout: {refusal}.");
+            overlap = false;
+        }
+        _buffers.AddRange(BuffersFor(_model, Parameters, rank.Groups, overlap));
         _optimizer = new DistributedOptimizer(_buffers, rank.Groups.World, AdamSettings.From(settings.Training), settings.Training.DistributedOptimizer);
 
         // 5. Resume a Moe checkpoint: weights, optimizer state and step, resharded to this layout; Run continues after it.
@@ -171,21 +177,23 @@ public sealed class Trainer : IDisposable
     /// <remarks>
     /// In bf16 the experts' weight gradients go straight into their fp32 main gradients (<see cref="GradientSink"/>,
     /// Megatron's gradient-accumulation fusion): the expert buffer is direct and each layer's experts get its sinks.
+    /// With <paramref name="overlapGradReduce"/> (<see cref="GradientOverlap"/> has allowed it) they get sinks in fp32 too,
+    /// since a sink tells the buffer that a bucket is ready, and both buffers reduce through the asynchronous path.
     /// </remarks>
-    public static List<GradientBuffer> BuffersFor(MixtralModel model, IReadOnlyList<ModelParameter> parameters, ProcessGroups groups)
+    public static List<GradientBuffer> BuffersFor(MixtralModel model, IReadOnlyList<ModelParameter> parameters, ProcessGroups groups, bool overlapGradReduce = false)
     {
         var inBackwardOrder = parameters.Reverse().ToList();
         double scale = 1.0 / groups.DpCp.Size;
         // Tensor parallel: a parameter every tensor rank holds whole (norms, router) is counted in the norm by the first only.
         var dense = inBackwardOrder.Where(p => !p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), model.TensorParallel.CountsInNorm(p))).ToList();
         var expert = inBackwardOrder.Where(p => p.IsExpert).Select(p => (p.Name, p.Parameter, Decays(p.Parameter), true)).ToList();
-        var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale) };
+        var buffers = new List<GradientBuffer> { new("dense", dense, groups.DpCp, BucketElements(groups.DpCp.Size), scale, overlap: overlapGradReduce) };
         // Replicated key-value heads: the key/value rows another rank of the group counts are left out of this rank's norm.
         foreach (var p in parameters.Where(p => p.Pieces is not null && p.Pieces.Any(x => x.IsDuplicate)))
             buffers[0].Uncount(p.Parameter, p.Pieces!.Where(x => x.IsDuplicate).Select(x => (x.Start, x.Length)).ToList());
         if (expert.Count > 0)
         {
-            var experts = new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale, direct: true);
+            var experts = new GradientBuffer("expert", expert, groups.Edp, BucketElements(groups.Edp.Size), scale, direct: true, overlap: overlapGradReduce);
             buffers.Add(experts);
             if (experts.Direct)
                 foreach (var layer in model.Layers)
@@ -290,7 +298,8 @@ public sealed class Trainer : IDisposable
             if (_model.Stage.Stages > 1)
                 // Megatron divides the z-loss coefficient by the tp_cp size (each rank's z is its own positions' mean).
                 new PipelineRunner(_model, groups.Pp, auxCoeff, zCoeff / groups.TpCp.Size).Step(micro => PipelineInputs(data, step, micro), microBatches, sums,
-                    afterBackward: () => { foreach (var buffer in _buffers) buffer.AccumulateMicroBatch(); });
+                    afterBackward: () => { foreach (var buffer in _buffers) buffer.AccumulateMicroBatch(); },
+                    beforeLastBackward: () => { foreach (var buffer in _buffers) buffer.BeginLastMicroBatch(_optimizer.Sharded); });
             else for (int micro = 0; micro < microBatches; micro++)
             {
                 // Each micro-batch's handles go when it is done, so accumulation holds one micro-batch's activations.
@@ -299,7 +308,10 @@ public sealed class Trainer : IDisposable
                 var batch = Enumerable.Range(0, b).Select(i => data.Sample(first + i)).ToArray();
                 var mb = MicroBatch.From(batch, seq, device, _context, _s.Data.ResetAttentionMask);
                 var o = _model.Forward(mb.TokensBS, mb.LabelsBS, mb.LossMaskBS, mb.PositionIdsBS, mb.DocumentIdsBS, returnLogits: false);
-                (mb.Loss(o, _context, groups.TpCp, auxCoeff, zCoeff) / microBatches).backward();
+                var microLoss = mb.Loss(o, _context, groups.TpCp, auxCoeff, zCoeff) / microBatches;
+                // Overlap: the last backward starts each expert bucket's reduction once its gradients are in.
+                if (micro == microBatches - 1) foreach (var buffer in _buffers) buffer.BeginLastMicroBatch(_optimizer.Sharded);
+                microLoss.backward();
                 ManagedBackward.Complete();
                 foreach (var buffer in _buffers) buffer.AccumulateMicroBatch();
                 using (torch.no_grad())

@@ -113,7 +113,7 @@ public class PlanCommandTests
         Assert.Equal(new[]
         {
             "--gpus", "--tp", "--pp", "--cp", "--ep", "--etp", "--sequence-parallel", "--order",
-            "--micro-batch-size", "--global-batch-size", "--steps", "--warmup-steps", "--eval-interval", "--lr", "--seq-length", "--data-path", "--load", "--save", "--save-interval", "--keep-last", "--seed", "--precision", "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",
+            "--micro-batch-size", "--global-batch-size", "--steps", "--warmup-steps", "--eval-interval", "--lr", "--seq-length", "--data-path", "--load", "--save", "--save-interval", "--keep-last", "--seed", "--precision", "--overlap-grad-reduce", "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",
         }, names);
     }
 }

@@ -47,9 +47,11 @@ public static class BenchCommand
     /// training step, the memory the plan estimates. Needs <paramref name="MainGrads"/>.</param>
     /// <param name="AllocatorStats">Read the caching allocator's own statistics (<see cref="CudaAllocatorStats"/>): peak bytes
     /// allocated to tensors in the forward and in the whole step, and peak reserved.</param>
+    /// <param name="OverlapGradReduce">Start the expert buckets' reductions inside the last micro-batch's backward (Training.OverlapGradReduce);
+    /// refused with a note where the trainer refuses it (<see cref="GradientOverlap"/>).</param>
     public sealed record Request(string Model, int Layers, int Seq, int MicroBatch, int Iters, string Device,
         int Gpus = 1, int Expert = 1, int MicroBatches = 1, string Dispatcher = "alltoall", bool MainGrads = true, int Tensor = 1, int Context = 1, int Pipeline = 1, Dsl.Recompute? Recompute = null,
-        bool Optimizer = false, bool AllocatorStats = false);
+        bool Optimizer = false, bool AllocatorStats = false, bool OverlapGradReduce = false);
 
     public const double PeakTflops = 790;
 
@@ -61,6 +63,8 @@ public static class BenchCommand
             throw new UserError($"--gpus {r.Gpus} must be a positive multiple of --ep {r.Expert}.");
         if (r.Optimizer && !r.MainGrads)
             throw new UserError("--optimizer true steps the distributed optimizer on the fp32 main gradients; it needs --main-grads true.");
+        if (r.OverlapGradReduce && !r.MainGrads)
+            throw new UserError("--overlap-grad-reduce starts the reductions of the fp32 main-gradient buffers; it needs --main-grads true.");
         if (!r.MainGrads && r.Gpus > 1)
             throw new UserError($"--main-grads false keeps gradients in the parameters, which only one rank can do; --gpus {r.Gpus} reduces them through the main-gradient buffers.");
         var preset = Preset(r.Model);
@@ -147,7 +151,13 @@ public static class BenchCommand
         var cp = ContextParallel.Apply(model, rank.Groups);
         model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, stage);
         var parameters = model.ParametersInForwardOrder().ToList();
-        var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups) : [];
+        bool overlap = r.OverlapGradReduce && r.MainGrads;
+        if (overlap && GradientOverlap.Refusal(model, rank.Groups) is string refusal)
+        {
+            diagnostics?.WriteLine($"note: --overlap-grad-reduce is off for this layout: {refusal}.");
+            overlap = false;
+        }
+        var buffers = r.MainGrads ? Trainer.BuffersFor(model, parameters, rank.Groups, overlap) : [];
         using var optimizer = r.Optimizer ? new DistributedOptimizer(buffers, rank.Groups.World, new AdamSettings(0.9, 0.95, 1e-8, 0.1), sharded: true) : null;
         // Allocator peaks: the forward's and the whole step's bytes allocated to tensors, and bytes reserved, per timed step.
         bool stats = r.AllocatorStats && device.type == DeviceType.CUDA;
@@ -185,7 +195,8 @@ public static class BenchCommand
                 var positions = torch.tensor(cp.LocalIndices(r.Seq), device: device).unsqueeze(0).expand(r.MicroBatch, ids.shape[1]);
                 var sums = torch.zeros(6 + 2 * config.Layers * config.Experts, dtype: ScalarType.Float64, device: device);
                 new PipelineRunner(model, rank.Groups.Pp, config.RouterAuxLossCoef, 0).Step(_ => new MicroBatchInputs(ids, labels, mask, positions, null, lmFactor), r.MicroBatches, sums,
-                    afterBackward: () => { foreach (var b in buffers) b.AccumulateMicroBatch(); });
+                    afterBackward: () => { foreach (var b in buffers) b.AccumulateMicroBatch(); },
+                    beforeLastBackward: () => { foreach (var b in buffers) b.BeginLastMicroBatch(sharded: true); });
                 forwardMs.Add(watch.Elapsed.TotalMilliseconds);
             }
             else for (int m = 0; m < r.MicroBatches; m++)
@@ -199,7 +210,9 @@ public static class BenchCommand
                     forwardPeaks.Add(Gib(afterForward.AllocatedPeak));
                     heldAfterForward = Gib(afterForward.AllocatedCurrent);
                 }
-                ((o.LmLoss! * lmFactor + cp.Size * config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches).backward();
+                var loss = (o.LmLoss! * lmFactor + cp.Size * config.RouterAuxLossCoef * o.AuxLoss) / r.MicroBatches;
+                if (m == r.MicroBatches - 1) foreach (var b in buffers) b.BeginLastMicroBatch(sharded: true);
+                loss.backward();
                 ManagedBackward.Complete();
                 foreach (var b in buffers) b.AccumulateMicroBatch();
             }
@@ -293,6 +306,7 @@ public static class BenchCommand
             ["micro_batches"] = r.MicroBatches,
             ["dispatcher"] = r.Dispatcher,
             ["main_grads"] = r.MainGrads,
+            ["overlap_grad_reduce"] = r.OverlapGradReduce,
             ["recompute"] = RecomputeOptions.Describe(r.Recompute ?? Dsl.Recompute.Off),
             ["step_s"] = result.StepSeconds,
             ["tokens_per_s_per_gpu"] = tokensPerSecond,

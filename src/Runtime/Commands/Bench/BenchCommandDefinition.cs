@@ -44,8 +44,13 @@ public sealed class BenchCommandDefinition
             Description = "Report the CUDA caching allocator's peaks (bytes allocated to tensors in the forward and the step, bytes reserved), " +
                 "read through PyTorch 2.11's allocator object (docs/performance.md).",
         };
+        OverlapGradReduce = new Option<bool>("--overlap-grad-reduce")
+        {
+            Description = "Start each expert bucket's data-parallel reduction inside the last micro-batch's backward, on NCCL's gradient stream " +
+                "(Training.OverlapGradReduce, Megatron's --overlap-grad-reduce); off: every bucket after the backward.",
+        };
         Recompute = new RecomputeOptions(Dsl.Recompute.Off);
-        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline, Optimizer, AllocatorStats }.Concat(Recompute.All)) Command.Options.Add(o);
+        foreach (var o in new Option[] { Model, Layers, Seq, MicroBatch, Iters, Device, Gpus, Context, Expert, MicroBatches, Dispatcher, MainGrads, Tensor, Pipeline, Optimizer, AllocatorStats, OverlapGradReduce }.Concat(Recompute.All)) Command.Options.Add(o);
     }
 
     public Command Command { get; }
@@ -65,6 +70,7 @@ public sealed class BenchCommandDefinition
     public Option<int> Pipeline { get; }
     public Option<bool> Optimizer { get; }
     public Option<bool> AllocatorStats { get; }
+    public Option<bool> OverlapGradReduce { get; }
 
     /// <summary>Megatron's <c>--recompute-granularity/-method/-num-layers/-modules</c>, to measure what recompute costs and saves.</summary>
     public RecomputeOptions Recompute { get; }

@@ -12,7 +12,7 @@ public static class BenchCommandParser
             parse.GetValue(d.Model)!, parse.GetValue(d.Layers), parse.GetValue(d.Seq), parse.GetValue(d.MicroBatch),
             parse.GetValue(d.Iters), parse.GetValue(d.Device)!, parse.GetValue(d.Gpus), parse.GetValue(d.Expert), parse.GetValue(d.MicroBatches),
             parse.GetValue(d.Dispatcher)!, parse.GetValue(d.MainGrads), parse.GetValue(d.Tensor), parse.GetValue(d.Context), parse.GetValue(d.Pipeline), d.Recompute.Parse(parse),
-            parse.GetValue(d.Optimizer), parse.GetValue(d.AllocatorStats)), Console.Out, Console.Error));
+            parse.GetValue(d.Optimizer), parse.GetValue(d.AllocatorStats), parse.GetValue(d.OverlapGradReduce)), Console.Out, Console.Error));
         return d.Command;
     }
 }

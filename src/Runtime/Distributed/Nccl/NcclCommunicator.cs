@@ -50,6 +50,19 @@ public sealed unsafe class NcclCommunicator : Communicator
         Issue("reduce_scatter", sequence, input, stream =>
             Native.ReduceScatter(Pointer(input), Pointer(output), (nuint)output.NumberOfElements, DataType(input), RedOp(op), _comm, stream));
 
+    // The asynchronous reductions (gradient buckets, Training.OverlapGradReduce) go on the session's gradient stream.
+    // Their tensors are views of the gradient buffers' persistent main gradients, never freed during a step, so nothing
+    // needs recording with the caching allocator (PyTorch's recordStream): a later kernel on libtorch's stream cannot be
+    // handed their memory while the reduction still reads or writes it. A caller passing a temporary tensor must keep
+    // it alive until the handle has been waited for and libtorch's stream has passed that point.
+    protected override CollectiveHandle AllReduceAsyncCore(Tensor tensor, ReduceOp op, long sequence) =>
+        Issue("all_reduce", sequence, tensor, stream =>
+            Native.AllReduce(Pointer(tensor), Pointer(tensor), (nuint)tensor.NumberOfElements, DataType(tensor), RedOp(op), _comm, stream), gradients: true);
+
+    protected override CollectiveHandle ReduceScatterAsyncCore(Tensor input, Tensor output, ReduceOp op, long sequence) =>
+        Issue("reduce_scatter", sequence, input, stream =>
+            Native.ReduceScatter(Pointer(input), Pointer(output), (nuint)output.NumberOfElements, DataType(input), RedOp(op), _comm, stream), gradients: true);
+
     protected override void AllGatherCore(Tensor input, Tensor output, long sequence) =>
         Issue("all_gather", sequence, input, stream =>
             Native.AllGather(Pointer(input), Pointer(output), (nuint)input.NumberOfElements, DataType(input), _comm, stream));
@@ -107,20 +120,25 @@ public sealed unsafe class NcclCommunicator : Communicator
 
     private readonly List<(IntPtr Start, IntPtr End)> _timed = new();
 
-    /// <summary>Queues one NCCL call (or group) between the two stream waits and hands it to the watchdog; timed on the stream.</summary>
-    private void Issue(string op, long sequence, Tensor tensor, Func<IntPtr, NcclResult> call)
+    /// <summary>
+    /// Queues one NCCL call (or group) after a wait on libtorch's stream and hands it to the watchdog; timed on the
+    /// stream. Synchronous operations run on the session's stream and libtorch's stream waits for them at once; with
+    /// <paramref name="gradients"/> the call goes on the gradient stream and the returned handle's Wait joins it.
+    /// </summary>
+    private CollectiveHandle Issue(string op, long sequence, Tensor tensor, Func<IntPtr, NcclResult> call, bool gradients = false)
     {
         var record = Recent.LastOrDefault(r => r.Sequence == sequence) ?? new CollectiveRecord(sequence, op, $"{tensor.dtype}[{string.Join(", ", tensor.shape)}]", DateTime.UtcNow);
-        _session.BeforeOperation();
+        var stream = gradients ? _session.GradientStream : _session.Stream;
+        _session.BeforeOperation(stream);
         CudaDriver.Check(CudaDriver.cuEventCreate(out var start, 0), "cuEventCreate");
         CudaDriver.Check(CudaDriver.cuEventCreate(out var end, 0), "cuEventCreate");
-        CudaDriver.Check(CudaDriver.cuEventRecord(start, _session.Stream), "cuEventRecord");
+        CudaDriver.Check(CudaDriver.cuEventRecord(start, stream), "cuEventRecord");
         var watch = Stopwatch.StartNew();
-        Native.Check(call(_session.Stream), $"nccl {op} on {Describe()}", _comm);
+        Native.Check(call(stream), $"nccl {op} on {Describe()}", _comm);
         _session.WaitReady(_comm, $"nccl {op} on {Describe()}", watch);
-        CudaDriver.Check(CudaDriver.cuEventRecord(end, _session.Stream), "cuEventRecord");
+        CudaDriver.Check(CudaDriver.cuEventRecord(end, stream), "cuEventRecord");
         lock (_timed) _timed.Add((start, end));
-        _session.AfterOperation(this, record);
+        return _session.AfterOperation(this, record, stream, join: !gradients);
     }
 
     /// <summary>Seconds the group's operations took on the NCCL stream since the last call (waits for them to finish).</summary>

@@ -18,6 +18,15 @@ namespace Moe.Runtime.Distributed.Nccl;
 /// stream). The host never blocks for a collective.
 /// </para>
 /// <para>
+/// Gradient reduction (Training.OverlapGradReduce) runs on a second NCCL stream, <see cref="GradientStream"/>, created
+/// and destroyed with the session: the reductions started during the backward are ordered after the work already
+/// queued on libtorch's stream by the same kind of event, but libtorch's stream does not wait for them until the
+/// handle's Wait (<see cref="CollectiveHandle"/>), so the backward of the lower layers — and their expert all-to-all
+/// on <see cref="Stream"/>, which must not queue behind a 40M-element reduce-scatter — runs meanwhile. Every
+/// reduction of the gradient buffers goes on this stream once overlap is on, so one communicator's gradient work is
+/// never split over two streams.
+/// </para>
+/// <para>
 /// Deadlines: every operation's completion event is watched by a thread that polls it and each communicator's
 /// asynchronous error. When one passes its deadline or NCCL reports an error, the watchdog prints the report
 /// (group, ranks, operation, sequence number, time waited), raises the job's abort flag through
@@ -44,6 +53,8 @@ public sealed unsafe class NcclSession : IDisposable
         _context = CudaDriver.CurrentContext();
         CudaDriver.Check(CudaDriver.cuStreamCreate(out var stream, 1 /* CU_STREAM_NON_BLOCKING */), "cuStreamCreate");
         Stream = stream;
+        CudaDriver.Check(CudaDriver.cuStreamCreate(out var gradients, 1 /* CU_STREAM_NON_BLOCKING */), "cuStreamCreate");
+        GradientStream = gradients;
         _watchdog = new Thread(Watch) { IsBackground = true, Name = "nccl watchdog" };
         _watchdog.Start();
     }
@@ -62,6 +73,9 @@ public sealed unsafe class NcclSession : IDisposable
 
     /// <summary>The stream NCCL runs on.</summary>
     internal IntPtr Stream { get; }
+
+    /// <summary>The stream asynchronous gradient reductions run on (<see cref="Communicator.ReduceScatterAsync"/>).</summary>
+    internal IntPtr GradientStream { get; }
 
     public TimeSpan Timeout { get; }
     public Device Device { get; }
@@ -121,23 +135,50 @@ public sealed unsafe class NcclSession : IDisposable
         }
     }
 
-    /// <summary>Makes NCCL's stream wait for the work queued so far on libtorch's stream.</summary>
-    internal void BeforeOperation()
+    /// <summary>Makes <paramref name="stream"/> (an NCCL stream) wait for the work queued so far on libtorch's stream.</summary>
+    internal void BeforeOperation(IntPtr stream)
     {
         var ready = TakeEvent();
         CudaDriver.Check(CudaDriver.cuEventRecord(ready, CudaDriver.DefaultStream), "cuEventRecord");
-        CudaDriver.Check(CudaDriver.cuStreamWaitEvent(Stream, ready, 0), "cuStreamWaitEvent");
+        CudaDriver.Check(CudaDriver.cuStreamWaitEvent(stream, ready, 0), "cuStreamWaitEvent");
         // A wait captures the event's current record, so the event can be recorded again at once.
         lock (_events) _events.Push(ready);
     }
 
-    /// <summary>Makes libtorch's stream wait for the operation just queued, and has the watchdog watch it.</summary>
-    internal void AfterOperation(NcclCommunicator comm, CollectiveRecord record)
+    /// <summary>
+    /// Has the watchdog watch the operation just queued on <paramref name="stream"/>, and makes libtorch's stream wait
+    /// for it now (<paramref name="join"/>), or returns a handle whose Wait does (the asynchronous operations).
+    /// </summary>
+    internal CollectiveHandle AfterOperation(NcclCommunicator comm, CollectiveRecord record, IntPtr stream, bool join)
     {
         var done = TakeEvent();
-        CudaDriver.Check(CudaDriver.cuEventRecord(done, Stream), "cuEventRecord");
-        CudaDriver.Check(CudaDriver.cuStreamWaitEvent(CudaDriver.DefaultStream, done, 0), "cuStreamWaitEvent");
+        CudaDriver.Check(CudaDriver.cuEventRecord(done, stream), "cuEventRecord");
+        CollectiveHandle handle = CollectiveHandle.Completed;
+        if (join) CudaDriver.Check(CudaDriver.cuStreamWaitEvent(CudaDriver.DefaultStream, done, 0), "cuStreamWaitEvent");
+        else
+        {
+            // The handle's own event: the watchdog recycles `done` once it completes, and a recycled event may be
+            // recorded again by a later operation before the handle is waited for.
+            var joinable = TakeEvent();
+            CudaDriver.Check(CudaDriver.cuEventRecord(joinable, stream), "cuEventRecord");
+            handle = new StreamHandle(this, joinable);
+        }
         lock (_pending) _pending.Add(new Pending(done, comm, record, Stopwatch.StartNew()));
+        return handle;
+    }
+
+    /// <summary>Wait: libtorch's stream waits on the operation's event (captured at once, so the event goes back to the pool).</summary>
+    private sealed class StreamHandle(NcclSession session, IntPtr evt) : CollectiveHandle
+    {
+        private IntPtr _event = evt;
+
+        public override void Wait()
+        {
+            var e = Interlocked.Exchange(ref _event, IntPtr.Zero);
+            if (e == IntPtr.Zero) return;
+            CudaDriver.Check(CudaDriver.cuStreamWaitEvent(CudaDriver.DefaultStream, e, 0), "cuStreamWaitEvent");
+            lock (session._events) session._events.Push(e);
+        }
     }
 
     private IntPtr TakeEvent()
@@ -214,12 +255,14 @@ public sealed unsafe class NcclSession : IDisposable
         lock (_comms) comms = _comms.ToArray();
         foreach (var c in comms) c.Dispose();
         CudaDriver.cuStreamSynchronize(Stream);
+        CudaDriver.cuStreamSynchronize(GradientStream);
         lock (_pending)
         {
             foreach (var p in _pending) CudaDriver.cuEventDestroy_v2(p.Done);
         }
         lock (_events) foreach (var e in _events) CudaDriver.cuEventDestroy_v2(e);
         CudaDriver.cuStreamDestroy_v2(Stream);
+        CudaDriver.cuStreamDestroy_v2(GradientStream);
     }
 
     private sealed record Pending(IntPtr Done, NcclCommunicator Comm, CollectiveRecord Record, Stopwatch Watch);
