@@ -287,7 +287,7 @@ public sealed record RngState
 /// <summary>MoE state beyond the weights.</summary>
 public sealed record MoeState
 {
-    /// <summary>Per-expert router bias of aux-loss-free balancing (Megatron --moe-router-enable-expert-bias); not implemented, so null.</summary>
+    /// <summary>Unused (null): the per-expert router bias of aux-loss-free balancing (Router.EnableExpertBias) is saved in the shards as its hub tensor, <c>…block_sparse_moe.gate.e_score_correction_bias</c>.</summary>
     public JsonNode? ExpertBias { get; init; }
     /// <summary>The global-aux-loss tracker is reset after every optimizer step, so it is empty at any step boundary.</summary>
     public string GlobalAuxLossTracker { get; init; } = "empty at a step boundary (reset after every optimizer step)";
