@@ -6,21 +6,7 @@
 # One labelled JSON line per run in $OUT/memory.jsonl (memory_stats.sh's format), the log in $OUT/memory.log.
 . .gpu/common.sh
 LIMIT=${LIMIT:-570}
-log() { echo "$*" | tee -a $OUT/memory.log; }
-run() {
-  local t=$1 label=$2; shift 2
-  if (( SECONDS + 25 > LIMIT )); then log "skipped ($SECONDS s spent): $label"; return; fi
-  log "== $label ($SECONDS s)"
-  local out; out=$(timeout $t "$@" 2>>$OUT/memory.log); local rc=$?
-  local lines; lines=$(echo "$out" | grep '^{')
-  if [ $rc -eq 0 ] && [ -n "$lines" ]; then
-    echo "$lines" | while read -r line; do echo "{\"label\":\"$label\",${line#\{}"; done | tee -a $OUT/memory.jsonl
-  else log "failed (exit $rc$( [ $rc -eq 124 ] && echo ', timed out')): $label"; fi
-}
-abi=$(bash .gpu/allocator_abi.sh 2>&1); log "allocator ABI: $abi"
-STATS="--allocator-stats true"
-case "$abi" in *'"get_device_stats_slot":9,"reset_peak_stats_slot":11,"type":"N3c104cuda20CUDACachingAllocator6Native22NativeCachingAllocatorE","sizeof_stats":976,'*) ;;
-  *) STATS=""; log "the allocator layout differs from what CudaAllocatorStats reads: no allocator statistics" ;; esac
+. .gpu/memory_common.sh
 for model in 8x7b 8x22b; do
   for layers in 2 4; do
     for seq in 4096 8192 16384; do
