@@ -11,7 +11,7 @@ namespace Moe.Runtime.Tests.Distributed;
 public class InProcessCommunicatorTests
 {
     /// <summary>Runs <paramref name="body"/> on <paramref name="size"/> ranks of one world and returns each rank's result.</summary>
-    private static T[] OnRanks<T>(int size, Func<Communicator, T> body, double timeoutSeconds = 20)
+    internal static T[] OnRanks<T>(int size, Func<Communicator, T> body, double timeoutSeconds = 20)
     {
         var world = new InProcessWorld(size, TimeSpan.FromSeconds(timeoutSeconds));
         var results = new T[size];

@@ -356,22 +356,7 @@ public class OverlapGradReduceTests
 
     // ---- The asynchronous collectives of the in-process backend ----
 
-    private static T[] OnRanks<T>(int size, Func<Moe.Runtime.Distributed.Communicator, T> body)
-    {
-        var world = new InProcessWorld(size, TimeSpan.FromSeconds(20));
-        var results = new T[size];
-        var errors = new Exception?[size];
-        var threads = Enumerable.Range(0, size).Select(r => new Thread(() =>
-        {
-            try { results[r] = body(world.Communicator(r)); }
-            catch (Exception e) { errors[r] = e; world.Abort(e.Message); }
-        })).ToArray();
-        foreach (var t in threads) t.Start();
-        foreach (var t in threads) t.Join();
-        var first = errors.FirstOrDefault(e => e is not null);
-        if (first is not null) throw first;
-        return results;
-    }
+    private static T[] OnRanks<T>(int size, Func<Moe.Runtime.Distributed.Communicator, T> body) => InProcessCommunicatorTests.OnRanks(size, body);
 
     [Fact]
     public void AsyncCollectives_GiveTheSynchronousResults_InCallOrderAmongTheOthers()
