@@ -30,14 +30,14 @@ public class FuzzTests
         // Four ranks bootstrap round after round for as long as the fuzzing lasts; each round must finish promptly.
         using var fuzzing = new CancellationTokenSource();
         var rounds = new List<TimeSpan>();
-        var job = Task.Run(() =>
+        var job = OtherRank.Run(() =>
         {
             for (int round = 0; !fuzzing.IsCancellationRequested || round < 2; round++)
             {
                 rounds.Add(Bootstrap.Run(server.Port, 4, 5, secret, $"round-{round}").Elapsed);
                 fuzzing.Token.WaitHandle.WaitOne(100); // leave the two cores to the fuzzers between rounds
             }
-        }, TestContext.Current.CancellationToken);
+        });
 
         var clock = Stopwatch.StartNew();
         int closedHandshakes = FuzzHandshakes(server.Port, secret, new Random(1));

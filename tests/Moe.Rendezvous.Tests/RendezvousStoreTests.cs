@@ -43,7 +43,7 @@ public sealed class RendezvousStoreTests : IDisposable
     {
         using var rank0 = Join(0);
         using var rank1 = Join(1);
-        var waiting = Task.Run(() => rank1.Get("late", TimeSpan.FromSeconds(10)), Ct);
+        var waiting = OtherRank.Run(() => rank1.Get("late", TimeSpan.FromSeconds(10)));
         Thread.Sleep(100);
         Assert.False(waiting.IsCompleted);
         rank0.Set("late", "here"u8);
@@ -101,8 +101,8 @@ public sealed class RendezvousStoreTests : IDisposable
     {
         using var rank0 = Join(0);
         using var rank1 = Join(1);
-        var other = Task.Run(() => rank1.Barrier("start", 2, TimeSpan.FromSeconds(10)), Ct);
-        rank0.Barrier("start", 2, TimeSpan.FromSeconds(10));
+        var other = OtherRank.Run(() => rank1.Barrier("start", 2, TimeSpan.FromSeconds(30)));
+        rank0.Barrier("start", 2, TimeSpan.FromSeconds(30));
         await other.WaitAsync(TimeSpan.FromSeconds(5), Ct);
 
         var reused = Assert.Throws<RendezvousException>(() => rank0.Barrier("start", 2, TimeSpan.FromSeconds(1)));
@@ -126,7 +126,7 @@ public sealed class RendezvousStoreTests : IDisposable
     public async Task ServerDispose_ReleasesAWaitingRankWithTheReason()
     {
         using var rank1 = Join(1);
-        var waiting = Task.Run(() => rank1.Get("never", TimeSpan.FromSeconds(30)), Ct);
+        var waiting = OtherRank.Run(() => rank1.Get("never", TimeSpan.FromSeconds(30)));
         Thread.Sleep(100);
         var clock = Stopwatch.StartNew();
         _server.Dispose();
@@ -165,7 +165,7 @@ public sealed class RendezvousStoreTests : IDisposable
         using var impostor = new TcpListener(IPAddress.Loopback, 0);
         impostor.Start();
         int port = ((IPEndPoint)impostor.LocalEndpoint).Port;
-        var serve = Task.Run(() =>
+        var serve = OtherRank.Run(() =>
         {
             using var s = impostor.AcceptSocket();
             s.ReceiveTimeout = 5000;
@@ -174,7 +174,7 @@ public sealed class RendezvousStoreTests : IDisposable
             RendezvousClient.ReadFrame(s, MaxHandshakeFrame);            // PROOF: an HMAC, which reveals nothing
             RendezvousClient.WriteFrame(s, EncodeFixed(Welcome, new byte[MacBytes]));
             Thread.Sleep(200);
-        }, Ct);
+        });
         var e = Assert.Throws<UserError>(() => RendezvousClient.Connect("127.0.0.1", port, 0, 2, _secret, TimeSpan.FromSeconds(5)));
         Assert.Equal($"the peer at 127.0.0.1:{port} answered the rendezvous handshake but could not prove it knows this job's secret: " +
                      "it is not this job's rendezvous server (another job on the same MASTER_PORT?).", e.Message);

@@ -74,7 +74,7 @@ public class TcpStoreClientTests
     {
         using var store = new FakeTcpStore();
         using var ours = Client(store);
-        var waiting = Task.Run(() => ours.Get("late", TimeSpan.FromSeconds(10)), Ct);
+        var waiting = OtherRank.Run(() => ours.Get("late", TimeSpan.FromSeconds(10)));
         Thread.Sleep(700); // about three slices of 250 ms
         Assert.False(waiting.IsCompleted);
         // A Python worker's store.set("late", b"hi") through PrefixStore("/worker/attempt_0").
@@ -103,7 +103,7 @@ public class TcpStoreClientTests
     {
         using var store = new FakeTcpStore { CrossStopWaitingWithCancel = true };
         using var client = Client(store);
-        var waiting = Task.Run(() => client.Get("k", TimeSpan.FromSeconds(5)), Ct);
+        var waiting = OtherRank.Run(() => client.Get("k", TimeSpan.FromSeconds(5)));
         Thread.Sleep(100);
         store.PutQuietly("//worker/attempt_0/k", [7]); // present, but this WAIT is never woken
         Assert.Equal([7], await waiting.WaitAsync(TimeSpan.FromSeconds(5), Ct));
@@ -115,7 +115,7 @@ public class TcpStoreClientTests
     {
         using var store = new FakeTcpStore();
         using var client = Client(store);
-        var main = Task.Run(() => client.Get("never", TimeSpan.FromSeconds(3)), Ct);
+        var main = OtherRank.Run(() => client.Get("never", TimeSpan.FromSeconds(3)));
         Thread.Sleep(100);
         var clock = Stopwatch.StartNew();
         Assert.False(client.TryGetAbort(out _));
@@ -129,8 +129,8 @@ public class TcpStoreClientTests
         using var store = new FakeTcpStore();
         using var a = Client(store);
         using var b = Client(store);
-        var other = Task.Run(() => b.Barrier("start", 2, TimeSpan.FromSeconds(10)), Ct);
-        a.Barrier("start", 2, TimeSpan.FromSeconds(10));
+        var other = OtherRank.Run(() => b.Barrier("start", 2, TimeSpan.FromSeconds(30)));
+        a.Barrier("start", 2, TimeSpan.FromSeconds(30));
         await other.WaitAsync(TimeSpan.FromSeconds(5), Ct);
         Assert.Equal("2"u8.ToArray(), store.Stored("//worker/attempt_0/barrier/start/arrived"));
     }
@@ -204,6 +204,26 @@ public class TcpStoreClientTests
                      "store (a Moe rendezvous server needs RendezvousClient).", e.Message);
         // VALIDATE's first four bytes, 00 CE F7 85, read as our frame length 0x85F7CE00.
         log.WaitForOne(l => l.EndsWith($": frame of {0x85F7CE00u} bytes announced; the handshake allows 1 to 64"), TimeSpan.FromSeconds(5));
+    }
+
+    [Fact]
+    public async Task APeerThatClosesWithThePingUnread_ResetsTheConnection_AndIsReportedAsClosed()
+    {
+        using var listener = new System.Net.Sockets.TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        int port = ((IPEndPoint)listener.LocalEndpoint).Port;
+        var peer = OtherRank.Run(() =>
+        {
+            using var s = listener.AcceptSocket();
+            var clock = Stopwatch.StartNew();
+            while (s.Available < 10 && clock.Elapsed < TimeSpan.FromSeconds(10)) Thread.Sleep(5); // VALIDATE and PING
+            Assert.Equal(10, s.Available);
+            s.Close(); // closing with unread bytes sends a reset, not an orderly end
+        });
+        var e = Assert.Throws<UserError>(() => TcpStoreClient.Connect("127.0.0.1", port, Prefix, null, TimeSpan.FromSeconds(10)));
+        await peer.WaitAsync(TimeSpan.FromSeconds(10), Ct);
+        Assert.Equal($"the peer at 127.0.0.1:{port} did not answer a TCPStore ping (it closed the connection): it is not torchrun's " +
+                     "store (a Moe rendezvous server needs RendezvousClient).", e.Message);
     }
 
     [Fact]

@@ -169,3 +169,17 @@ internal static class Bootstrap
         return (ids, elapsed);
     }
 }
+
+/// <summary>
+/// Runs another rank's side of a test on a thread of its own. A thread-pool task can wait seconds for a thread
+/// when the pool's few threads are blocked in socket reads (as these tests' ranks are) and the two cores are
+/// busy with other test assemblies; a rank that starts late then fails a barrier it would have passed.
+/// </summary>
+internal static class OtherRank
+{
+    public static Task<T> Run<T>(Func<T> body) =>
+        Task.Factory.StartNew(body, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+
+    public static Task Run(Action body) =>
+        Task.Factory.StartNew(body, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+}

@@ -130,8 +130,10 @@ public sealed class TcpStoreClient : IRendezvousStore
         catch (Exception e) when (e is SocketException or EndOfStreamException)
         {
             Dispose();
+            // A peer that closes with our PING still unread resets the connection instead of ending it: both are a close.
+            bool closed = e is EndOfStreamException or SocketException { SocketErrorCode: SocketError.ConnectionReset };
             throw new UserError(
-                $"the peer at {_server} did not answer a TCPStore ping ({(e is EndOfStreamException ? "it closed the connection" : ((SocketException)e).SocketErrorCode.ToString())}): " +
+                $"the peer at {_server} did not answer a TCPStore ping ({(closed ? "it closed the connection" : ((SocketException)e).SocketErrorCode.ToString())}): " +
                 "it is not torchrun's store (a Moe rendezvous server needs RendezvousClient).", e);
         }
         if (echoed != nonce)
@@ -272,7 +274,8 @@ public sealed class TcpStoreClient : IRendezvousStore
                 {
                     SocketException { SocketErrorCode: SocketError.TimedOut or SocketError.WouldBlock } =>
                         $"the torchrun store at {_server} did not answer within {RendezvousKeys.Seconds(ReplyTimeout)} (stalled).",
-                    EndOfStreamException => $"the torchrun store at {_server} closed the connection (the torchrun agent exited?).",
+                    EndOfStreamException or SocketException { SocketErrorCode: SocketError.ConnectionReset } =>
+                        $"the torchrun store at {_server} closed the connection (the torchrun agent exited?).",
                     ProtocolViolation v => $"the torchrun store at {_server} answered out of protocol ({v.Message}); is it torch 2.x's TCPStore?",
                     ObjectDisposedException => "this TCPStore client was disposed.",
                     _ => $"the connection to the torchrun store at {_server} failed ({((SocketException)e).SocketErrorCode}).",
