@@ -98,8 +98,11 @@ internal sealed class FakeTcpStore : IDisposable
                         string key = Str();
                         long delta = BinaryPrimitives.ReadInt64LittleEndian(Read(8));
                         long sum;
-                        lock (_table) sum = delta + (_table.TryGetValue(key, out var old) ? long.Parse(Encoding.ASCII.GetString(old)) : 0);
-                        Put(key, Encoding.ASCII.GetBytes(sum.ToString()));
+                        lock (_table) // read and write under one lock: two ranks adding at once must not both read the old sum
+                        {
+                            sum = delta + (_table.TryGetValue(key, out var old) ? long.Parse(Encoding.ASCII.GetString(old)) : 0);
+                            Put(key, Encoding.ASCII.GetBytes(sum.ToString()));
+                        }
                         byte[] answer = new byte[8];
                         BinaryPrimitives.WriteInt64LittleEndian(answer, sum);
                         Reply(answer);
