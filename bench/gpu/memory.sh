@@ -7,17 +7,7 @@
 # Results: $OUT/memory.jsonl (one JSON line per run; ours carry "recompute"), the log in $OUT/memory.log.
 . .gpu/common.sh
 LIMIT=510
-log() { echo "$*" | tee -a $OUT/memory.log; }
-run() {   # run <seconds> <label> <command...>: its JSON lines, labelled, into memory.jsonl, or a line saying why not
-  local t=$1 label=$2; shift 2
-  if (( SECONDS + 20 > LIMIT )); then log "skipped ($SECONDS s spent): $label"; return; fi
-  log "== $label"
-  local out; out=$(timeout $t "$@" 2>>$OUT/memory.log); local rc=$?
-  local lines; lines=$(echo "$out" | grep '^{')
-  if [ $rc -eq 0 ] && [ -n "$lines" ]; then
-    echo "$lines" | while read -r line; do echo "{\"label\":\"$label\",${line#\{}"; done | tee -a $OUT/memory.jsonl
-  else log "failed (exit $rc$( [ $rc -eq 124 ] && echo ', timed out')): $label"; fi
-}
+. .gpu/memory_common.sh
 # The baseline's protocol: gradients stay in bf16 .grad as transformers keeps them (--main-grads false), like for like.
 ours() { run 75 "moe $*" $M bench --iters 3 --main-grads false "$@"; }
 hf()   { run 75 "hf $*" python3 .gpu/hf_mem.py --iters 3 "$@"; }

@@ -1,4 +1,4 @@
-# Sourced by memory_stats.sh and memory_final.sh after common.sh: log(), run() and $STATS (--allocator-stats true when
+# Sourced by memory.sh, memory_stats.sh and memory_final.sh after common.sh: log(), run() and $STATS (--allocator-stats true when
 # allocator_abi.sh finds the layout CudaAllocatorStats reads, else empty). Set LIMIT (seconds) before sourcing.
 log() { echo "$*" | tee -a $OUT/memory.log; }
 run() {   # run <seconds> <label> <command...>: its JSON lines, labelled, into memory.jsonl, or a line saying why not
