@@ -331,34 +331,30 @@ public sealed class GradientBuffer : IDisposable
     /// <summary>Scales a bucket and starts its reduction (a view of the persistent main gradients: see the NCCL backend's note).</summary>
     private void Start(GradientBucket b, bool sharded, bool duringBackward)
     {
-        using (var view = MainGrad.narrow(0, b.Start, b.Length))
-        {
-            if (GradientScale != 1.0) view.mul_(GradientScale);
-            if (Group.Size == 1) _handles[b.Index] = CollectiveHandle.Completed;   // the sum over one member is in place already
-            else if (!sharded) _handles[b.Index] = Group.AllReduceAsync(view);
-            else
-            {
-                var (start, length) = Shard(b);
-                using var shard = MainGrad.narrow(0, start, length);
-                _handles[b.Index] = Group.ReduceScatterAsync(view, shard);
-            }
-        }
+        _handles[b.Index] = ReduceBucket(b, sharded, asynchronously: true);
         BucketStarted?.Invoke(b, duringBackward);
     }
 
-    private void ReduceBucket(GradientBucket b, bool sharded)
+    /// <summary>
+    /// Scales a bucket and sums it over the group: whole on every member, or each member's shard (<paramref name="sharded"/>).
+    /// Synchronous (the handle is complete), or <paramref name="asynchronously"/> on the backend's gradient stream.
+    /// </summary>
+    private CollectiveHandle ReduceBucket(GradientBucket b, bool sharded, bool asynchronously = false)
     {
         using var view = MainGrad.narrow(0, b.Start, b.Length);
         if (GradientScale != 1.0) view.mul_(GradientScale);
-        if (Group.Size == 1) return;   // the sum over one member is in place already
+        if (Group.Size == 1) return CollectiveHandle.Completed;   // the sum over one member is in place already
         if (!sharded)
         {
+            if (asynchronously) return Group.AllReduceAsync(view);
             Group.AllReduce(view);
-            return;
+            return CollectiveHandle.Completed;
         }
         var (start, length) = Shard(b);
         using var shard = MainGrad.narrow(0, start, length);
+        if (asynchronously) return Group.ReduceScatterAsync(view, shard);
         Group.ReduceScatter(view, shard);
+        return CollectiveHandle.Completed;
     }
 
     private static long RoundUp(long value, long multiple) => (value + multiple - 1) / multiple * multiple;
