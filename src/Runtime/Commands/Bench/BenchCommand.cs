@@ -125,7 +125,8 @@ public static class BenchCommand
     /// <summary>The even split of --layers over --pp stages (bench has no virtual pipeline or uneven stages).</summary>
     private static Dsl.Parallelism StageSplit(Request r) => new() { Gpus = r.Gpus, Pipeline = r.Pipeline };
 
-    private static Dsl.Model Preset(string model) => model switch
+    /// <summary>The model a --model name stands for (tiny for any other name).</summary>
+    internal static Dsl.Model Preset(string model) => model switch
     {
         "8x7b" => Dsl.Model.Mixtral8x7B,
         "8x22b" => Dsl.Model.Mixtral8x22B,

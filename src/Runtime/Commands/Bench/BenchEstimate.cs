@@ -19,7 +19,7 @@ public static class BenchEstimate
     /// <summary>The recipe a bench request stands for (data and schedule settings that do not change memory left at defaults).</summary>
     public static RecipeSettings Settings(BenchCommand.Request r, MixtralConfig config)
     {
-        var preset = r.Model switch { "8x7b" => Model.Mixtral8x7B, "8x22b" => Model.Mixtral8x22B, _ => Model.TinyMixtral };
+        var preset = BenchCommand.Preset(r.Model);
         int dp = r.Gpus / (r.Tensor * r.Context * r.Pipeline);
         return new RecipeSettings
         {
