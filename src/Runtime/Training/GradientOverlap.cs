@@ -1,5 +1,4 @@
 using Moe.Runtime.Distributed;
-using Moe.Runtime.Modeling;
 
 namespace Moe.Runtime.Training;
 
@@ -18,7 +17,7 @@ namespace Moe.Runtime.Training;
 public static class GradientOverlap
 {
     /// <summary>Why overlap cannot run on this rank's layout, or null when it can.</summary>
-    public static string? Refusal(MixtralModel model, ProcessGroups groups)
+    public static string? Refusal(ProcessGroups groups)
     {
         var edp = groups.Edp;
         if (edp.Size == 1) return null;

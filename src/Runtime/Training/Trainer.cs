@@ -126,7 +126,7 @@ public sealed class Trainer : IDisposable
         // 4. Gradient buffers and the optimizer over them.
         Parameters = _model.ParametersInForwardOrder().ToList();
         bool overlap = settings.Training.OverlapGradReduce;
-        if (overlap && GradientOverlap.Refusal(_model, rank.Groups) is string refusal)
+        if (overlap && GradientOverlap.Refusal(rank.Groups) is string refusal)
         {
             if (rank.Reports) log.WriteLine($"note: Training.OverlapGradReduce is off for this layout: {refusal}.");
             overlap = false;

@@ -153,7 +153,7 @@ public static class BenchCommand
         model.Recomputation = RecomputePlan.For(r.Recompute ?? Dsl.Recompute.Off, stage);
         var parameters = model.ParametersInForwardOrder().ToList();
         bool overlap = r.OverlapGradReduce && r.MainGrads;
-        if (overlap && GradientOverlap.Refusal(model, rank.Groups) is string refusal)
+        if (overlap && GradientOverlap.Refusal(rank.Groups) is string refusal)
         {
             diagnostics?.WriteLine($"note: --overlap-grad-reduce is off for this layout: {refusal}.");
             overlap = false;
