@@ -47,10 +47,7 @@ public sealed class Attention : nn.Module
         if (c.Heads % c.KeyValueHeads != 0)
             throw new UserError($"num_attention_heads ({c.Heads}) must be a multiple of num_key_value_heads ({c.KeyValueHeads}).");
         int tp = tensorParallel;
-        if (c.Heads % tp != 0 || (c.KeyValueHeads % tp != 0 && tp % c.KeyValueHeads != 0))
-            throw new UserError($"Tensor ({tp}) must divide the {c.Heads} attention heads, and Tensor and the {c.KeyValueHeads} key-value heads must divide one another " +
-                $"(each tensor rank holds whole key-value groups, or one replicated group when Tensor exceeds them; rules MOE0006/MOE0007, Megatron R014, R016, R017): " +
-                $"choose Tensor among {string.Join(", ", TensorParallel.ValidSizes(c))}.");
+        TensorParallel.CheckHeads(c, tp);
         bool replicated = tp > c.KeyValueHeads;
         groups = replicated ? 1 : c.KeyValueHeads / tp;
         perGroup = replicated ? c.Heads / tp : c.Heads / c.KeyValueHeads;

@@ -62,10 +62,7 @@ public sealed class TensorParallel
         if (config.VocabSize % tp != 0)
             throw new UserError($"The vocabulary ({config.VocabSize} tokens) must be a multiple of Tensor ({tp}): each tensor rank holds VocabSize / Tensor rows of the embedding and LM head " +
                 $"({config.VocabSize} / {tp} = {config.VocabSize / (double)tp:G4}); choose Tensor dividing {config.VocabSize} or pad the tokenizer's vocabulary to a multiple of {tp}.");
-        if (config.Heads % tp != 0 || (config.KeyValueHeads % tp != 0 && tp % config.KeyValueHeads != 0))
-            throw new UserError($"Tensor ({tp}) must divide the {config.Heads} attention heads, and Tensor and the {config.KeyValueHeads} key-value heads must divide one another " +
-                $"(each tensor rank holds whole key-value groups, or one replicated group when Tensor exceeds them; rules MOE0006/MOE0007, Megatron R014, R016, R017): " +
-                $"choose Tensor among {string.Join(", ", ValidSizes(config))}.");
+        CheckHeads(config, tp);
         return new TensorParallel(plan.Groups.Tp, Math.Max(1, tp / config.KeyValueHeads));
     }
 
@@ -73,8 +70,19 @@ public sealed class TensorParallel
     /// Tensor sizes the attention of <paramref name="config"/> can be split over: divisors of the heads that divide the
     /// key-value heads or are a multiple of them (Megatron R014, R016, R017).
     /// </summary>
-    public static IEnumerable<int> ValidSizes(MixtralConfig config) =>
-        Enumerable.Range(1, config.Heads).Where(t => config.Heads % t == 0 && (config.KeyValueHeads % t == 0 || t % config.KeyValueHeads == 0));
+    public static IEnumerable<int> ValidSizes(MixtralConfig config) => Enumerable.Range(1, config.Heads).Where(t => SplitsHeads(config, t));
+
+    /// <summary>Refuses a tensor size the attention cannot be split over (not among <see cref="ValidSizes"/>), naming the valid ones.</summary>
+    internal static void CheckHeads(MixtralConfig config, int tp)
+    {
+        if (!SplitsHeads(config, tp))
+            throw new UserError($"Tensor ({tp}) must divide the {config.Heads} attention heads, and Tensor and the {config.KeyValueHeads} key-value heads must divide one another " +
+                $"(each tensor rank holds whole key-value groups, or one replicated group when Tensor exceeds them; rules MOE0006/MOE0007, Megatron R014, R016, R017): " +
+                $"choose Tensor among {string.Join(", ", ValidSizes(config))}.");
+    }
+
+    private static bool SplitsHeads(MixtralConfig config, int tp) =>
+        config.Heads % tp == 0 && (config.KeyValueHeads % tp == 0 || tp % config.KeyValueHeads == 0);
 
     /// <summary>The tensor-parallel group (TP &gt; 1 only).</summary>
     public Communicator Group => _group ?? throw new InvalidOperationException("No tensor-parallel group at TP 1.");
