@@ -119,10 +119,8 @@ public static class CheckpointReader
                 using var scope = torch.NewDisposeScope();
                 var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
                 // Each piece of the parameter the slice covers (one, or a q/k/v weight's two with replicated key-value heads).
-                foreach (var piece in parameters[slice.Entry.Name].Blocks)
+                foreach (var (_, piece, from, to) in parameters[slice.Entry.Name].BlocksWithin(slice.BlockStart, slice.Length))
                 {
-                    long from = Math.Max(slice.BlockStart, piece.Start), to = Math.Min(slice.BlockStart + slice.Length, piece.Start + piece.Length);
-                    if (from >= to) continue;
                     var range = BlockRange.Of(piece.Block, from - piece.Start, to - piece.Start);
                     for (int k = 0; k < states.Length; k++)
                         Fill(states[k].narrow(0, from - slice.BlockStart, to - from), range, byKey[(TensorBlock.OptimizerKinds[k], slice.Entry.Name)], files,

@@ -196,11 +196,9 @@ public static class CheckpointWriter
             // One block per piece of the parameter the slice covers (a q/k/v weight with replicated key-value heads has
             // two; its shared key/value piece is written by the group's first rank only).
             var parameter = parameters[slice.Entry.Name];
-            for (int i = 0; i < parameter.Blocks.Count; i++)
+            foreach (var (i, piece, from, to) in parameter.BlocksWithin(slice.BlockStart, slice.Length))
             {
-                var piece = parameter.Blocks[i];
-                long from = Math.Max(slice.BlockStart, piece.Start), to = Math.Min(slice.BlockStart + slice.Length, piece.Start + piece.Length);
-                if (from >= to || piece.IsDuplicate) continue;
+                if (piece.IsDuplicate) continue;
                 string suffix = parameter.Pieces is null ? "" : $"#{i}";
                 var states = new[] { slice.Main, slice.ExpAvg, slice.ExpAvgSq };
                 for (int k = 0; k < states.Length; k++)

@@ -97,6 +97,21 @@ public sealed record ModelParameter(string Name, Parameter Parameter, bool IsExp
     /// <summary>The blocks of the parameter (one, <see cref="Shard"/>, unless it has <see cref="Pieces"/>).</summary>
     public IReadOnlyList<ShardPiece> Blocks => Pieces ?? [new ShardPiece(0, Parameter.NumberOfElements, Shard)];
 
+    /// <summary>
+    /// Where elements [<paramref name="start"/>, <paramref name="start"/> + <paramref name="length"/>) of the flattened
+    /// parameter fall in its <see cref="Blocks"/>: each block they meet, its index, and [From, To) in the parameter's elements.
+    /// </summary>
+    public IEnumerable<(int Index, ShardPiece Piece, long From, long To)> BlocksWithin(long start, long length)
+    {
+        var blocks = Blocks;
+        for (int i = 0; i < blocks.Count; i++)
+        {
+            var piece = blocks[i];
+            long from = Math.Max(start, piece.Start), to = Math.Min(start + length, piece.Start + piece.Length);
+            if (from < to) yield return (i, piece, from, to);
+        }
+    }
+
     /// <summary>This rank's elements of <paramref name="whole"/> (a tensor of the whole shape's elements) in the local parameter's shape.</summary>
     public Tensor Slice(Tensor whole) => Pieces is null
         ? Shard.Slice(whole).reshape(Parameter.shape)
